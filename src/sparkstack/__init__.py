@@ -1,0 +1,3 @@
+"""sparkstack: a home inference server."""
+
+__version__ = "0.1.0"

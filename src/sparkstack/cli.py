@@ -1,0 +1,126 @@
+"""The `sparkstack` command: serve, check."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="sparkstack: a home inference server behind one OpenAI-compatible endpoint.")
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="catalog YAML file")]
+
+
+def _load(config: Path | None) -> Config:
+    if config is None:
+        for candidate in (Path("sparkstack.yaml"), Path("sparkstack.yml")):
+            if candidate.exists():
+                config = candidate
+                break
+        else:
+            err.print("[red]no config:[/] pass --config FILE (or create sparkstack.yaml)")
+            raise typer.Exit(2)
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        err.print(f"[red]{len(e.problems)} problem(s) in the config:[/]")
+        for p in e.problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        raise typer.Exit(2) from e
+    for w in cfg.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    return cfg
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default from the config)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Serve the catalog on one OpenAI-compatible endpoint."""
+    from .gateway.server import ServeInfo
+    from .gateway.server import serve as run_server
+    from .keys import default_api_key
+    from .paths import data_dir
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(config)
+    data = data_dir(cfg)
+    extra: list[str] = []
+    key_note = "the api_keys in the config"
+    if not cfg.settings.api_keys:
+        key, where = default_api_key(data)
+        extra.append(key)
+        key_note = f"{key}  (from {where})"
+        shown = key
+    else:
+        first = cfg.settings.api_keys[0]
+        shown = first if isinstance(first, str) else first.key
+        shown = "<your key>" if shown else shown
+
+    def ready(info: ServeInfo) -> None:
+        enabled = [m for m in cfg.models.values() if m.enabled]
+        example = enabled[0].id if enabled else "MODEL"
+        out.print(f"[bold green]sparkstack[/] serving {len(enabled)} models from {cfg.source}")
+        out.print(f"  endpoint: {info.url}/v1", highlight=False)
+        out.print(f"  API key:  {key_note}", highlight=False)
+        out.print(f"  memory:   {info.budget_gb:g} GB budget ({info.budget_source})",
+                  highlight=False)
+        out.print(f"  logs:     {data / 'logs'}", highlight=False)
+        out.print("  try:", highlight=False)
+        out.print(
+            f"    curl {info.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' "
+            f"-H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{example}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"Hello!\"}}]}}'", highlight=False, soft_wrap=True)
+
+    try:
+        _run(run_server(cfg, listen, extra_keys=extra, log_dir=data / "logs", on_ready=ready))
+    except OSError as e:
+        err.print(f"[red]cannot serve:[/] {e}")
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def check(config: ConfigOpt = None) -> None:
+    """Validate a config and print every problem found."""
+    cfg = _load(config)
+    from .gateway.server import memory_budget
+
+    budget, source = memory_budget(cfg)
+    enabled = sum(m.enabled for m in cfg.models.values())
+    out.print(f"[green]ok[/]: {cfg.source}: {len(cfg.models)} models ({enabled} enabled), "
+              f"memory budget {budget:g} GB ({source})", highlight=False)
+    for m in cfg.models.values():
+        if m.memory_gb > budget:
+            out.print(f"[yellow]warning:[/] model {m.id!r} needs {m.memory_gb:g} GB, more than "
+                      f"the {budget:g} GB budget on this machine", highlight=False)
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    app(prog_name="sparkstack")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The YAML catalog: loading, `${VAR}` expansion, validation and the resolved model view.
+
+One file is the single source of truth for every model. Validation collects every
+problem at once and names the file, the model and the field, so `sparkstack check`
+can print them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:8009"
+PORT_VAR = "PORT"
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: Any) -> float:
+    """`90s`, `5m`, `1h30m`, `250ms` or plain seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 5m, 1h or seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            return parse_duration(float(text))
+        except ValueError:
+            pass
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _UNITS[u] for n, u in parts)
+    raise ValueError(f"{value!r} is not a duration (use 90s, 5m, 1h or seconds)")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _keys(value: Any) -> Any:
+    """Accept one key or a list; drop keys that expanded to nothing (unset variables)."""
+    if value is None:
+        return []
+    if isinstance(value, str | dict):
+        value = [value]
+    if isinstance(value, list):
+        return [k for k in value if not (isinstance(k, str) and not k.strip())]
+    return value
+
+
+class ApiKey(BaseModel):
+    """A key limited to some models (`models: ["*"]` or absent means all)."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=8)
+    name: str = ""
+    models: list[str] = Field(default_factory=lambda: ["*"])
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["process", "docker"] = "process"
+    engine: Literal["vllm", "sglang", "llamacpp", "custom"] = "custom"
+    command: list[str] | None = None
+    upstream: str | None = None
+    health: str = "/health"
+    memory_gb: float = Field(default=0.0, ge=0)
+    ttl: Duration | None = None
+    health_timeout: Duration = 900.0
+    stop_timeout: Duration = 10.0
+    aliases: list[str] = Field(default_factory=list)
+    pinned: bool = False
+    exclusive: bool = False
+    served_name: str | None = None
+    status: Literal["stable", "experimental", "disabled"] = "stable"
+    notes: str = ""
+    busy_policy: Literal["queue", "reject"] | None = None
+    max_model_len: int | None = Field(default=None, gt=0)
+    capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"])
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("command must name a program")
+        return v
+
+    @field_validator("health")
+    @classmethod
+    def _health_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("health must be a path starting with '/'")
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: "" if x is None else str(x) for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _runtime_needs(self) -> ModelConfig:
+        if self.runtime == "process" and self.command is None:
+            raise ValueError("runtime 'process' needs a 'command' (a list: program and arguments)")
+        if self.pinned and self.exclusive:
+            raise ValueError("a model cannot be both 'pinned' and 'exclusive'")
+        return self
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = DEFAULT_LISTEN
+    api_keys: Annotated[list[str | ApiKey], BeforeValidator(_keys)] = Field(default_factory=list)
+    admin_keys: Annotated[list[str], BeforeValidator(_keys)] = Field(default_factory=list)
+    memory_gb: float | Literal["auto"] = "auto"
+    memory_reserve_gb: float = Field(default=4.0, ge=0)
+    idle_ttl: Duration = 1200.0
+    queue_timeout: Duration = 600.0
+    max_queue: int = Field(default=1000, ge=1)
+    busy_policy: Literal["queue", "reject"] = "queue"
+    start_backoff: Duration = 2.0
+    shutdown_timeout: Duration = 30.0
+    keepalive_interval: Duration = 5.0
+    max_body_mb: float = Field(default=100.0, gt=0)
+    data_dir: str | None = None
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @field_validator("memory_gb", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool) and v <= 0:
+            raise ValueError("memory_gb must be positive or 'auto'")
+        return v
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------- expansion
+
+
+def expand_vars(value: Any, env: Mapping[str, str], unset: set[str]) -> Any:
+    """Expand `${VAR}` / `${VAR:-default}` in every string; `${PORT}` stays for the runtime.
+
+    `$$` is a literal `$`. Unset variables without a default become "" and are recorded
+    in `unset` so `check` can warn (the docker-compose convention).
+    """
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            if name == PORT_VAR:
+                return m.group(0)
+            if name in env and (env[name] or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            unset.add(name)
+            return ""
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [expand_vars(v, env, unset) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_vars(v, env, unset) for k, v in value.items()}
+    return value
+
+
+def substitute_port(text: str, port: int) -> str:
+    return text.replace("${PORT}", str(port))
+
+
+# ---------------------------------------------------------------- resolved view
+
+
+@dataclass(frozen=True)
+class Model:
+    """One catalog entry with every default applied: what the rest of the stack reads."""
+
+    id: str
+    cfg: ModelConfig
+    ttl: float
+    busy_policy: str
+    base_dir: Path
+
+    @property
+    def served_name(self) -> str:
+        return self.cfg.served_name or self.id
+
+    @property
+    def memory_gb(self) -> float:
+        return self.cfg.memory_gb
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.status != "disabled"
+
+
+@dataclass
+class Config:
+    settings: Settings
+    models: dict[str, Model]
+    path: Path | None
+    warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, name: str) -> Model | None:
+        """A catalog id, an alias or a served name → the model, or None."""
+        model_id = name if name in self.models else self.aliases.get(name)
+        return self.models.get(model_id) if model_id else None
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "<built-in>"
+
+
+def _format_error(source: str, err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # Pydantic names union branches and validators in the location; users need the field.
+    loc = [p for p in loc if not p.startswith(("function-", "str", "ApiKey", "literal["))]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see docs/configuration.md)"
+    if loc[:1] == ["models"] and len(loc) >= 2:
+        where = f"model {loc[1]!r}" + (f", field {'.'.join(loc[2:])!r}" if loc[2:] else "")
+    else:
+        where = f"field {'.'.join(loc)!r}" if loc else "top level"
+    return f"{source}: {where}: {msg}"
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    text: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read and validate a config file (or `text`); raise ConfigError listing every problem."""
+    # ${SPARKSTACK_PYTHON} is the interpreter running sparkstack (for Python engines).
+    env = {"SPARKSTACK_PYTHON": sys.executable, **(os.environ if env is None else env)}
+    source = str(path) if path else "<built-in>"
+    if text is None:
+        if path is None:
+            raise ValueError("load_config needs a path or text")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from e
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source}: not valid YAML: {e}"]) from e
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: top level must be a mapping of settings"])
+    # Keys starting with x- hold YAML anchors (shared volumes, env) and are not settings.
+    raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
+    unset: set[str] = set()
+    raw = expand_vars(raw, env, unset)
+    problems: list[str] = []
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_format_error(source, err) for err in e.errors()]) from e
+
+    base_dir = Path(path).resolve().parent if path else Path.cwd()
+    models: dict[str, Model] = {}
+    aliases: dict[str, str] = {}
+    for model_id, cfg in settings.models.items():
+        if not MODEL_ID.match(model_id):
+            problems.append(
+                f"{source}: model {model_id!r}: an id may hold letters, digits and . _ : - only"
+            )
+        ttl = settings.idle_ttl if cfg.ttl is None else cfg.ttl
+        models[model_id] = Model(
+            id=model_id,
+            cfg=cfg,
+            ttl=ttl,
+            busy_policy=cfg.busy_policy or settings.busy_policy,
+            base_dir=base_dir,
+        )
+    for model_id, m in models.items():
+        names = list(m.cfg.aliases)
+        if m.served_name != model_id:
+            names.append(m.served_name)
+        for alias in names:
+            owner = aliases.get(alias)
+            if alias in models and alias != model_id:
+                problems.append(
+                    f"{source}: model {model_id!r}, field 'aliases': {alias!r} "
+                    "is another model's id"
+                )
+            elif owner and owner != model_id:
+                problems.append(
+                    f"{source}: model {model_id!r}, field 'aliases': {alias!r} "
+                    f"is already an alias of {owner!r}"
+                )
+            elif alias != model_id:
+                aliases[alias] = model_id
+    if isinstance(settings.memory_gb, float | int):
+        for m in models.values():
+            if m.memory_gb > settings.memory_gb:
+                problems.append(
+                    f"{source}: model {m.id!r}, field 'memory_gb': {m.memory_gb:g} GB does not fit "
+                    f"the budget memory_gb={settings.memory_gb:g}"
+                )
+    key_values = [k if isinstance(k, str) else k.key for k in settings.api_keys]
+    for k in settings.api_keys:
+        if isinstance(k, ApiKey):
+            for name in k.models:
+                if name != "*" and name not in models and name not in aliases:
+                    problems.append(
+                        f"{source}: field 'api_keys': key {k.name or '…'!r} names unknown "
+                        f"model {name!r}"
+                    )
+    for k in key_values + settings.admin_keys:
+        if len(k) < 8:
+            problems.append(f"{source}: field 'api_keys': a key must have at least 8 characters")
+            break
+    if problems:
+        raise ConfigError(problems)
+    warnings = [
+        f"{source}: environment variable {name} is not set (expanded to an empty string)"
+        for name in sorted(unset)
+    ]
+    return Config(
+        settings=settings, models=models, path=Path(path) if path else None,
+        warnings=warnings, aliases=aliases,
+    )

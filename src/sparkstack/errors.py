@@ -1,0 +1,46 @@
+"""Errors a client can see, in the OpenAI shape, with their status codes (SPEC section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "engine_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "api_error"),
+                "param": None,
+                "code": self.code,
+            }
+        }
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    """Both retry headers, capped at 60 s (the openai SDK honours up to 120 s, Cline 429 only)."""
+    seconds = min(60.0, max(1.0, seconds))
+    return {"Retry-After": str(round(seconds)), "retry-after-ms": str(int(seconds * 1000))}

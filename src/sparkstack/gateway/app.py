@@ -1,0 +1,305 @@
+"""The HTTP server: routes, auth, errors in the OpenAI shape, and the request flow.
+
+A request names its model (body `model`, multipart field, or the path form), is
+authorised, takes a ticket from the scheduler (through the supervisor), waits for its
+grant (streaming clients get an event stream at once, with keep-alive comments while
+the model loads), is relayed, and gives its ticket back however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..config import Config, Model
+from ..errors import ApiError
+from ..scheduler import ModelState, State
+from ..supervisor import Supervisor
+from .auth import Caller, Keyring
+from .proxy import new_client_session, open_event_stream, relay, sse_event
+from .routing import MODEL_ENDPOINTS, parse_body, split_path_form
+
+log = logging.getLogger("sparkstack.gateway")
+
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+KEYS = web.AppKey("keys", Keyring)
+CONFIG = web.AppKey("config", Config)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
+STARTED = web.AppKey("started", float)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves in the OpenAI shape, whatever raised it."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = {
+            404: f"no route for {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: "request body too large (max_body_mb)",
+        }.get(e.status, e.reason)
+        err = ApiError(e.status, message, e.reason.lower().replace(" ", "_"))
+        return web.json_response(err.body(), status=e.status)
+
+
+def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.Application:
+    app = web.Application(
+        middlewares=[openai_errors],
+        client_max_size=int(config.settings.max_body_mb * 1024 * 1024),
+    )
+    app[SUPERVISOR] = supervisor
+    app[KEYS] = keys
+    app[CONFIG] = config
+    app[STARTED] = time.time()
+
+    async def client_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app[CLIENT] = new_client_session()
+        yield
+        await app[CLIENT].close()
+
+    app.cleanup_ctx.append(client_ctx)
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model:.+}", get_model)
+    for path in MODEL_ENDPOINTS:
+        r.add_post(path, model_endpoint)
+    r.add_post("/v1/{tail:.+}", path_form_endpoint)
+    r.add_get("/api/models", api_models)
+    r.add_post("/api/models/{model}/load", api_load)
+    r.add_post("/api/models/{model}/unload", api_unload)
+    r.add_get("/api/models/{model}/logs", api_logs)
+    return app
+
+
+# ---------------------------------------------------------------- inference
+
+
+async def model_endpoint(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, request.path, None)
+
+
+async def path_form_endpoint(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    split = split_path_form(request.match_info["tail"], lambda n: config.resolve(n) is not None)
+    if split is None:
+        tail = request.match_info["tail"]
+        first = tail.split("/", 1)[0]
+        if config.resolve(first) is None and "/" in tail:
+            raise ApiError(404, f"model {first!r} does not exist; GET /v1/models lists "
+                           "the models", "model_not_found")
+        raise web.HTTPNotFound()
+    name, endpoint = split
+    return await _serve(request, endpoint, name)
+
+
+async def _serve(request: web.Request, endpoint: str, path_model: str | None) -> web.StreamResponse:
+    caller = request.app[KEYS].authenticate(request)
+    body = await request.read()
+    req = parse_body(body, request.headers.get("Content-Type", ""))
+    name = path_model or req.name
+    if not name:
+        raise ApiError(400, "the request names no model: set 'model' in the body, or use "
+                       "/v1/<model>/...", "model_required")
+    model = _model(request, name)
+    Keyring.authorize(caller, model.id)
+    if not model.enabled:
+        raise ApiError(400, f"model {model.id!r} is disabled"
+                       + (f": {model.cfg.notes}" if model.cfg.notes else ""), "model_disabled")
+    body = req.with_model(model.served_name)
+    supervisor = request.app[SUPERVISOR]
+    ticket = supervisor.submit(model.id)
+    opened: web.StreamResponse | None = None
+    try:
+        if not ticket.waiter.done() and req.streaming:
+            opened = await open_event_stream(request)
+            upstream = await _wait_streaming(request, opened, ticket.waiter, model.id)
+            if upstream is None:
+                return opened
+        else:
+            upstream = await supervisor.wait(ticket)
+        return await relay(request, request.app[CLIENT], upstream, endpoint, body,
+                           model.id, opened)
+    finally:
+        supervisor.finish(ticket)
+
+
+async def _wait_streaming(
+    request: web.Request, resp: web.StreamResponse, fut: asyncio.Future[Any], model_id: str
+) -> Any:
+    """Wait for the grant, sending `: loading <model> <n>s` comments so that clients and
+    tunnels keep the connection. A refusal becomes an error event."""
+    interval = request.app[CONFIG].settings.keepalive_interval
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await resp.write(f": loading {model_id}\n\n".encode())
+    while True:
+        done, _ = await asyncio.wait({fut}, timeout=interval)
+        if done:
+            break
+        await resp.write(f": loading {model_id} {loop.time() - began:.0f}s\n\n".encode())
+    try:
+        return fut.result()
+    except ApiError as e:
+        await resp.write(sse_event(e.body()))
+        await resp.write_eof()
+        return None
+
+
+def _model(request: web.Request, name: str) -> Model:
+    model = request.app[CONFIG].resolve(name)
+    if model is None:
+        raise ApiError(404, f"model {name!r} does not exist; GET /v1/models lists the models",
+                       "model_not_found")
+    return model
+
+
+# ---------------------------------------------------------------- listings
+
+
+async def healthz(request: web.Request) -> web.Response:
+    supervisor = request.app[SUPERVISOR]
+    if supervisor.scheduler.shutting_down:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    states = [s.state.value for s in supervisor.scheduler.models.values()]
+    return web.json_response({
+        "status": "ok",
+        "models": len(states),
+        "ready": states.count("ready"),
+        "starting": states.count("starting"),
+    })
+
+
+def _openai_model(request: web.Request, s: ModelState) -> dict[str, Any]:
+    m = s.model
+    return {
+        "id": m.id,
+        "object": "model",
+        "created": int(request.app[STARTED]),
+        "owned_by": "sparkstack",
+        "state": s.state.value,
+        "status": m.cfg.status,
+        "context_length": m.cfg.max_model_len,
+        "max_model_len": m.cfg.max_model_len,
+        "capabilities": m.cfg.capabilities,
+        "aliases": m.cfg.aliases,
+        "notes": m.cfg.notes,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """Answered from the catalog at once: listing never loads a model."""
+    request.app[KEYS].authenticate(request)
+    states = request.app[SUPERVISOR].scheduler.models.values()
+    data = [_openai_model(request, s) for s in states if s.model.enabled]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    request.app[KEYS].authenticate(request)
+    model = _model(request, request.match_info["model"])
+    return web.json_response(_openai_model(request, request.app[SUPERVISOR].state(model.id)))
+
+
+def _wall(monotonic_t: float) -> float | None:
+    if not monotonic_t:
+        return None
+    return round(time.time() - (time.monotonic() - monotonic_t), 3)
+
+
+def model_status(supervisor: Supervisor, s: ModelState) -> dict[str, Any]:
+    m = s.model
+    return {
+        "id": m.id,
+        "state": s.state.value,
+        "status": m.cfg.status,
+        "notes": m.cfg.notes,
+        "memory_gb": m.memory_gb,
+        "in_flight": len(s.active),
+        "queued": len(s.waiters),
+        "last_used": _wall(s.last_used),
+        "ready_since": _wall(s.ready_at) if s.state is State.READY else None,
+        "load_seconds": None if s.load_seconds is None else round(s.load_seconds, 3),
+        "last_error": s.last_error,
+        "stop_reason": s.stop_reason,
+        "leaving": s.leaving and s.state is not State.STOPPED,
+        "ttl_s": m.ttl,
+        "pinned": m.cfg.pinned,
+        "exclusive": m.cfg.exclusive,
+        "runtime": m.cfg.runtime,
+        "port": supervisor.ports.get(m.id),
+        "aliases": m.cfg.aliases,
+    }
+
+
+async def api_models(request: web.Request) -> web.Response:
+    request.app[KEYS].authenticate(request)
+    supervisor = request.app[SUPERVISOR]
+    sched = supervisor.scheduler
+    used = sum(s.model.memory_gb for s in sched.residents.values())
+    return web.json_response({
+        "memory_budget_gb": sched.budget_gb,
+        "memory_used_gb": used,
+        "queued": sched.queued,
+        "models": [model_status(supervisor, s) for s in sched.models.values()],
+    })
+
+
+# ---------------------------------------------------------------- admin
+
+
+def _admin(request: web.Request) -> tuple[Caller, Model]:
+    caller = request.app[KEYS].authenticate(request)
+    Keyring.require_admin(caller)
+    return caller, _model(request, request.match_info["model"])
+
+
+async def api_load(request: web.Request) -> web.Response:
+    _, model = _admin(request)
+    if not model.enabled:
+        raise ApiError(400, f"model {model.id!r} is disabled", "model_disabled")
+    supervisor = request.app[SUPERVISOR]
+    await supervisor.load(model.id)
+    return web.json_response(model_status(supervisor, supervisor.state(model.id)))
+
+
+async def api_unload(request: web.Request) -> web.Response:
+    _, model = _admin(request)
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    supervisor = request.app[SUPERVISOR]
+    await supervisor.unload(model.id, force)
+    return web.json_response(model_status(supervisor, supervisor.state(model.id)))
+
+
+async def api_logs(request: web.Request) -> web.StreamResponse:
+    """The engine's recent output; `?follow=true` keeps streaming new lines."""
+    request.app[KEYS].authenticate(request)
+    model = _model(request, request.match_info["model"])
+    buf = request.app[SUPERVISOR].logs[model.id]
+    try:
+        n = int(request.query.get("lines", "200"))
+    except ValueError as e:
+        raise ApiError(400, "'lines' must be a number", "invalid_parameter") from e
+    text = "".join(line + "\n" for line in buf.tail(max(0, n)))
+    if request.query.get("follow", "").lower() not in ("1", "true", "yes"):
+        return web.Response(text=text, content_type="text/plain")
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await resp.prepare(request)
+    await resp.write(text.encode())
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    buf.followers.add(queue)
+    try:
+        while True:
+            await resp.write((await queue.get() + "\n").encode())
+    finally:
+        buf.followers.discard(queue)

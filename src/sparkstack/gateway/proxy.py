@@ -1,0 +1,152 @@
+"""Relaying one request to its engine, streaming included.
+
+Bytes pass through as they arrive (no buffering, no per-chunk parsing). A client that
+disconnects cancels the handler (aiohttp `handler_cancellation`), which closes the
+upstream connection at once, so the engine stops generating for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..engines import Upstream
+from ..errors import ApiError
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
+WHOLE_BODY_MAX = 1 << 20  # responses up to this size with a length are sent in one piece
+
+
+def new_client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        # No total timeout: a long generation is not an error (SPEC 10: hidden timeouts).
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+    )
+
+
+def upstream_headers(request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
+    headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED
+    )
+    headers.update(upstream.headers)
+    return headers
+
+
+def _response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+def sse_event(payload: dict[str, object]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def open_event_stream(request: web.Request) -> web.StreamResponse:
+    """Commit a 200 event stream now (a streaming client waits for a cold start on it)."""
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await resp.prepare(request)
+    return resp
+
+
+async def relay(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    path: str,
+    body: bytes,
+    model_id: str,
+    opened: web.StreamResponse | None = None,
+) -> web.StreamResponse:
+    """Send the request to the engine and relay its answer.
+
+    `opened` is an event stream already committed to the client (keep-alives while the
+    model loaded): the engine's chunks continue it, and an engine error becomes an error
+    event, since the status line has been sent.
+    """
+    url = upstream.base_url + path
+    if request.query_string:
+        url += "?" + request.query_string
+    try:
+        async with session.request(
+            request.method, url, data=body, headers=upstream_headers(request, upstream)
+        ) as up:
+            if opened is not None:
+                return await _continue_stream(opened, up, model_id)
+            length = up.content_length
+            if (length is not None and length <= WHOLE_BODY_MAX
+                    and up.content_type != "text/event-stream"):
+                data = await up.read()
+                return web.Response(status=up.status, body=data,
+                                    headers=_response_headers(up.headers))
+            resp = web.StreamResponse(status=up.status, headers=_response_headers(up.headers))
+            await resp.prepare(request)
+            try:
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError) as e:
+                await _end_broken(request, resp, up, model_id, e)
+                return resp
+            await resp.write_eof()
+            return resp
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+        error = ApiError(502, f"model {model_id!r}: the engine did not answer ({e})",
+                         "engine_unreachable")
+        if opened is not None:
+            await opened.write(sse_event(error.body()))
+            await opened.write_eof()
+            return opened
+        raise error from e
+
+
+async def _continue_stream(
+    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str
+) -> web.StreamResponse:
+    if up.status != 200:
+        text = (await up.read()).decode("utf-8", errors="replace")
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = ApiError(up.status, text or f"engine answered {up.status}").body()
+        await resp.write(sse_event(payload))
+        await resp.write_eof()
+        return resp
+    try:
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError) as e:
+        await resp.write(sse_event(_died(model_id, e).body()))
+    await resp.write_eof()
+    return resp
+
+
+def _died(model_id: str, e: Exception) -> ApiError:
+    return ApiError(502, f"model {model_id!r}: the engine stopped answering mid-response ({e})",
+                    "engine_died")
+
+
+async def _end_broken(
+    request: web.Request, resp: web.StreamResponse, up: aiohttp.ClientResponse,
+    model_id: str, e: Exception,
+) -> None:
+    """The engine died after the status line was sent: say so in-band if we can."""
+    if up.content_type == "text/event-stream":
+        await resp.write(sse_event(_died(model_id, e).body()))
+        await resp.write_eof()
+    elif request.transport is not None:
+        # Not an event stream: a cut connection is the only honest signal left.
+        request.transport.close()

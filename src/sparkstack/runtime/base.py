@@ -1,0 +1,96 @@
+"""What every runtime offers: start an engine, watch it, stop it, and keep its log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..config import Model
+
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+
+
+class StartError(Exception):
+    """The engine could not be launched at all (bad command, missing image...)."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """A concrete engine to run: what the engine template made of a catalog entry."""
+
+    model: Model
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    port: int
+    cwd: Path | None = None
+
+
+class Engine(Protocol):
+    """One running engine (a process or a container)."""
+
+    @property
+    def description(self) -> str: ...
+
+    async def wait(self) -> int:
+        """Return the exit code once the engine has exited."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """Ask it to stop (SIGTERM); kill it after `grace` seconds. Returns once it is gone."""
+        ...
+
+
+class Runtime(Protocol):
+    async def start(self, spec: LaunchSpec, log: LogBuffer) -> Engine: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class LogBuffer:
+    """The last lines an engine printed, mirrored to a per-model log file.
+
+    Followers (the logs API in follow mode) get each new line through a queue.
+    """
+
+    path: Path | None = None
+    max_lines: int = 2000
+    lines: deque[str] = field(init=False)
+    followers: set[asyncio.Queue[str]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.lines = deque(maxlen=self.max_lines)
+        self._file = None
+
+    def begin_run(self, header: str) -> None:
+        """Start a new engine run: rotate a large file and mark the run in the log."""
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size > LOG_ROTATE_BYTES:
+                self.close()
+                self.path.replace(self.path.with_suffix(".log.1"))
+            if self._file is None:
+                self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.write(f"----- {stamp} {header}")
+
+    def write(self, line: str) -> None:
+        line = line.rstrip("\r\n")
+        self.lines.append(line)
+        if self._file is not None:
+            self._file.write(line + "\n")
+        for q in self.followers:
+            q.put_nowait(line)
+
+    def tail(self, n: int = 20) -> list[str]:
+        return list(self.lines)[-n:]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,453 @@
+"""The scheduling policy: who is served now, who waits, what starts and what stops.
+
+Events in, effects out. Everything that happens (a request arrives or ends, an engine
+becomes ready, fails or exits, an admin unloads, time passes) is a synchronous method
+call on `Scheduler`; it answers through the narrow `Effects` interface. It never awaits,
+so on the event loop each call is atomic: "start if needed" is decided in one place,
+from the current state, never from a stale snapshot.
+
+The policy, top to bottom:
+1. A request for a ready model that nothing is asking to stop is granted at once, even
+   while other models load (no head-of-line blocking).
+2. Otherwise it waits in its model's queue, and the model joins the start queue (FIFO by
+   first waiter). A starting model collects waiters; they are all granted when it is ready.
+3. Engine starts are serialised (concurrent starts on unified memory corrupt each
+   other's memory profiling). The head of the start queue plans its room with
+   `eviction.plan`: victims are marked leaving and stop as soon as their in-flight
+   requests end, never before. New requests for a leaving model queue behind the swap.
+4. A failed start answers every waiter with the error and backs off before the next try;
+   the model is stopped again, never wedged.
+5. Ready models with no request in flight stop after their TTL; pinned models never idle
+   out and are restarted whenever they fit without evicting anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from ..config import Model
+from ..errors import ApiError, retry_headers
+from .eviction import Resident, plan
+
+MAX_BACKOFF_S = 60.0
+DEFAULT_REQUEST_S = 15.0  # what we assume a request takes before we have measured any
+
+
+class State(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One request's claim on a model: waiting, then granted, then done."""
+
+    model: str
+    created: float
+    deadline: float  # give up waiting for memory at this time
+    waiter: Any = None  # opaque to the scheduler (the gateway's future)
+    status: str = "waiting"  # waiting | granted | done
+    run: int = 0  # the engine run it was granted on
+    granted_at: float = 0.0
+
+
+@dataclass(eq=False)
+class ModelState:
+    model: Model
+    state: State = State.STOPPED
+    run: int = 0  # increments at each start; requests of an older run no longer count
+    active: set[Ticket] = field(default_factory=set)
+    waiters: deque[Ticket] = field(default_factory=deque)
+    last_used: float = 0.0
+    last_error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    unload_requested: bool = False
+    evicting: bool = False
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    load_seconds: float | None = None
+    stop_reason: str | None = None
+    avg_request_s: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.model.id
+
+    @property
+    def leaving(self) -> bool:
+        return self.state is State.STOPPING or self.unload_requested or self.evicting
+
+    @property
+    def resident(self) -> bool:
+        return self.state is not State.STOPPED
+
+
+class Effects(Protocol):
+    def start_engine(self, model_id: str) -> None: ...
+    def stop_engine(self, model_id: str, reason: str) -> None: ...
+    def grant(self, ticket: Ticket) -> None: ...
+    def reject(self, ticket: Ticket, error: ApiError) -> None: ...
+    def changed(self, model_id: str) -> None: ...
+    def wake_at(self, when: float | None) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        models: Iterable[Model],
+        budget_gb: float,
+        effects: Effects,
+        clock: Callable[[], float],
+        *,
+        queue_timeout: float = 600.0,
+        max_queue: int = 1000,
+        start_backoff: float = 2.0,
+    ) -> None:
+        self.models = {m.id: ModelState(m) for m in models}
+        self.budget_gb = budget_gb
+        self.effects = effects
+        self.clock = clock
+        self.queue_timeout = queue_timeout
+        self.max_queue = max_queue
+        self.start_backoff = start_backoff
+        self.pending: dict[str, None] = {}  # models waiting to start, FIFO (an ordered set)
+        self.residents: dict[str, ModelState] = {}
+        self.starting: str | None = None
+        self.queued = 0
+        self.shutting_down = False
+        self.pinned = [s for s in self.models.values() if s.model.cfg.pinned and s.model.enabled]
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, model_id: str, waiter: Any = None) -> Ticket:
+        """A request for `model_id` arrives. Raises ApiError if it is refused at once."""
+        if self.shutting_down:
+            raise ApiError(503, "sparkstack is shutting down", "shutting_down")
+        s = self.models[model_id]
+        now = self.clock()
+        ticket = Ticket(model_id, now, now + self.queue_timeout, waiter)
+        if s.state is State.READY and not s.leaving:
+            self._grant(s, ticket, now)
+            return ticket
+        if self.queued >= self.max_queue:
+            raise ApiError(
+                429, f"the request queue is full ({self.max_queue} waiting)", "queue_full",
+                retry_headers(self._expected_wait(self._busy_blockers(s))),
+            )
+        if s.model.busy_policy == "reject" and s.state is not State.STARTING:
+            busy = self._busy_blockers(s)
+            if busy:
+                names = ", ".join(b.id for b in busy)
+                headers = retry_headers(self._expected_wait(busy))
+                headers["x-sparkstack-busy-models"] = ",".join(b.id for b in busy)
+                raise ApiError(
+                    429, f"model {model_id!r} cannot start now: memory is used by busy "
+                    f"model(s) {names}; retry in {headers['Retry-After']} s", "model_busy",
+                    headers,
+                )
+        s.waiters.append(ticket)
+        self.queued += 1
+        if s.state is not State.STARTING:
+            self.pending.setdefault(model_id, None)
+        self._schedule()
+        return ticket
+
+    def finish(self, ticket: Ticket) -> None:
+        """The request ended (answered, failed, or its client went away)."""
+        s = self.models[ticket.model]
+        now = self.clock()
+        if ticket.status == "waiting":
+            ticket.status = "done"
+            s.waiters.remove(ticket)
+            self.queued -= 1
+            if not s.waiters:
+                self.pending.pop(s.id, None)
+        elif ticket.status == "granted":
+            ticket.status = "done"
+            if ticket.run == s.run and ticket in s.active:
+                s.active.discard(ticket)
+                s.last_used = now
+                took = now - ticket.granted_at
+                s.avg_request_s = took if s.avg_request_s is None else (
+                    0.8 * s.avg_request_s + 0.2 * took)
+                self._stop_if_drained(s)
+        else:
+            return
+        self.effects.changed(s.id)
+        self._schedule()
+
+    # ------------------------------------------------------------ engine events
+
+    def engine_ready(self, model_id: str) -> None:
+        s = self.models[model_id]
+        if s.state is not State.STARTING:
+            return
+        now = self.clock()
+        s.state = State.READY
+        s.ready_at = s.last_used = now
+        s.load_seconds = now - s.started_at
+        s.failures = 0
+        s.last_error = None
+        self.starting = None
+        self.pending.pop(model_id, None)
+        while s.waiters:
+            self._grant(s, s.waiters.popleft(), now)
+            self.queued -= 1
+        self.effects.changed(model_id)
+        self._stop_if_drained(s)
+        self._schedule()
+
+    def engine_failed(self, model_id: str, error: ApiError) -> None:
+        """The start failed or timed out; the engine has already been stopped."""
+        s = self.models[model_id]
+        if s.state is not State.STARTING:
+            return
+        now = self.clock()
+        s.failures += 1
+        s.retry_at = now + min(MAX_BACKOFF_S, self.start_backoff * 2 ** (s.failures - 1))
+        s.last_error = error.message
+        s.unload_requested = False
+        self._set_stopped(s)
+        self.pending.pop(model_id, None)
+        self._reject_all(s, error)
+        self.effects.changed(model_id)
+        self._schedule()
+
+    def engine_exited(self, model_id: str, error: str | None = None) -> None:
+        """The engine is gone: a stop we asked for (error None) or a crash."""
+        s = self.models[model_id]
+        if s.state is State.STOPPED:
+            return
+        if s.state is State.STARTING:
+            self.engine_failed(model_id, ApiError(502, error or "engine exited", "engine_failed"))
+            return
+        if s.state is not State.STOPPING:
+            s.last_error = error or "engine exited"
+            s.stop_reason = "crashed"
+        self._set_stopped(s)
+        if s.waiters:
+            self.pending.setdefault(model_id, None)
+        self.effects.changed(model_id)
+        self._schedule()
+
+    # ------------------------------------------------------------ admin
+
+    def unload(self, model_id: str, force: bool = False) -> None:
+        """Stop a model once its in-flight requests end, or now with `force`."""
+        s = self.models[model_id]
+        if s.state in (State.STOPPED, State.STOPPING):
+            return
+        s.unload_requested = True
+        if force:
+            self._reject_all(s, ApiError(503, f"model {model_id!r} was unloaded", "unloaded"))
+            self._stop(s, "unloaded (forced)")
+        else:
+            self._stop_if_drained(s)
+        self.effects.changed(model_id)
+        self._schedule()
+
+    def shutdown(self) -> None:
+        """Refuse new requests and answer every waiter; running requests go on."""
+        self.shutting_down = True
+        error = ApiError(503, "sparkstack is shutting down", "shutting_down")
+        for s in self.models.values():
+            self._reject_all(s, error)
+
+    def stop_all(self, reason: str = "shutdown") -> None:
+        for s in list(self.residents.values()):
+            if s.state in (State.READY, State.STARTING):
+                self._stop(s, reason)
+
+    # ------------------------------------------------------------ time
+
+    def tick(self) -> None:
+        """Time passed: idle TTLs, queue timeouts and start back-offs may have expired."""
+        now = self.clock()
+        for s in list(self.residents.values()):
+            if self._idle_deadline(s) <= now:
+                self._stop(s, "idle")
+        for mid in list(self.pending):
+            s = self.models[mid]
+            if s.waiters and s.waiters[0].deadline <= now:
+                busy = self._busy_blockers(s)
+                names = ", ".join(b.id for b in busy) or "other models"
+                self._reject_all(s, ApiError(
+                    429, f"model {mid!r} waited {self.queue_timeout:.0f} s (queue_timeout) for "
+                    f"memory held by {names}", "queue_timeout",
+                    retry_headers(self._expected_wait(busy))), expired_by=now)
+        self._schedule()
+
+    def next_deadline(self) -> float | None:
+        deadlines = [self._idle_deadline(s) for s in self.residents.values()]
+        for mid in self.pending:
+            s = self.models[mid]
+            deadlines.append(s.waiters[0].deadline)
+            if s.retry_at > self.clock():
+                deadlines.append(s.retry_at)
+        when = min(deadlines, default=math.inf)
+        return None if when == math.inf else when
+
+    # ------------------------------------------------------------ the decision
+
+    def _schedule(self) -> None:
+        if not self.shutting_down:
+            self._plan_starts()
+        self.effects.wake_at(self.next_deadline())
+
+    def _plan_starts(self) -> None:
+        now = self.clock()
+        was_evicting = [s for s in self.residents.values() if s.evicting]
+        for s in was_evicting:
+            s.evicting = False
+        target = self._next_start(now)
+        if target is not None:
+            victims = plan(target.model.memory_gb, target.model.cfg.exclusive,
+                           self._residents_view(), self.budget_gb)
+            if victims is None:
+                self._refuse_never_fits(target)
+            else:
+                for vid in victims:
+                    self.residents[vid].evicting = True
+                for vid in victims:
+                    self._stop_if_drained(self.residents[vid], f"evicted for {target.id}")
+                if not victims and self._free_gb() >= target.model.memory_gb - 1e-9:
+                    self._start(target, now)
+        # A model whose eviction is called off serves its queued requests again.
+        for s in was_evicting:
+            if s.state is State.READY and not s.leaving and s.waiters:
+                self.pending.pop(s.id, None)
+                while s.waiters:
+                    self._grant(s, s.waiters.popleft(), now)
+                    self.queued -= 1
+                self.effects.changed(s.id)
+        if self.starting is None and not self.pending:
+            self._start_pinned(now)
+
+    def _next_start(self, now: float) -> ModelState | None:
+        """The head of the start queue, skipping models in back-off or still stopping."""
+        if self.starting is not None:
+            return None
+        for mid in self.pending:
+            s = self.models[mid]
+            if s.retry_at > now or s.resident:
+                continue
+            return s
+        return None
+
+    def _start_pinned(self, now: float) -> None:
+        for s in self.pinned:
+            if s.state is State.STOPPED and s.retry_at <= now:
+                victims = plan(s.model.memory_gb, False, self._residents_view(), self.budget_gb)
+                if victims == [] and self._free_gb() >= s.model.memory_gb - 1e-9:
+                    self._start(s, now)
+                    return
+
+    def _refuse_never_fits(self, s: ModelState) -> None:
+        error = ApiError(
+            503, f"model {s.id!r} needs {s.model.memory_gb:g} GB but the memory budget is "
+            f"{self.budget_gb:g} GB", "insufficient_memory")
+        s.last_error = error.message
+        self._reject_all(s, error)
+
+    # ------------------------------------------------------------ transitions
+
+    def _reject_all(self, s: ModelState, error: ApiError, expired_by: float | None = None) -> None:
+        """Answer the model's waiters with `error` (only those past their deadline, if given)."""
+        while s.waiters and (expired_by is None or s.waiters[0].deadline <= expired_by):
+            t = s.waiters.popleft()
+            self.queued -= 1
+            t.status = "done"
+            self.effects.reject(t, error)
+        if not s.waiters:
+            self.pending.pop(s.id, None)
+
+    def _grant(self, s: ModelState, ticket: Ticket, now: float) -> None:
+        ticket.status = "granted"
+        ticket.run = s.run
+        ticket.granted_at = now
+        s.active.add(ticket)
+        s.last_used = now
+        self.effects.grant(ticket)
+
+    def _start(self, s: ModelState, now: float) -> None:
+        s.state = State.STARTING
+        s.run += 1
+        s.started_at = now
+        s.stop_reason = None
+        s.active.clear()
+        self.starting = s.id
+        self.residents[s.id] = s
+        self.pending.pop(s.id, None)
+        self.effects.start_engine(s.id)
+        self.effects.changed(s.id)
+
+    def _stop(self, s: ModelState, reason: str) -> None:
+        if s.state is State.STARTING:
+            self.starting = None
+        s.state = State.STOPPING
+        s.stop_reason = reason
+        self.effects.stop_engine(s.id, reason)
+        self.effects.changed(s.id)
+
+    def _stop_if_drained(self, s: ModelState, reason: str | None = None) -> None:
+        if s.state is State.READY and s.leaving and not s.active:
+            self._stop(s, reason or ("unloaded" if s.unload_requested else "evicted"))
+
+    def _set_stopped(self, s: ModelState) -> None:
+        if self.starting == s.id:
+            self.starting = None
+        s.state = State.STOPPED
+        s.active.clear()
+        s.unload_requested = s.evicting = False
+        self.residents.pop(s.id, None)
+
+    # ------------------------------------------------------------ views
+
+    def _idle_deadline(self, s: ModelState) -> float:
+        if (s.state is not State.READY or s.active or s.leaving or s.model.cfg.pinned
+                or s.model.ttl <= 0):
+            return math.inf
+        return s.last_used + s.model.ttl
+
+    def _residents_view(self) -> list[Resident]:
+        return [
+            Resident(
+                id=s.id, memory_gb=s.model.memory_gb, busy=bool(s.active),
+                last_used=s.last_used, pinned=s.model.cfg.pinned,
+                exclusive=s.model.cfg.exclusive, leaving=s.leaving,
+                movable=s.state is not State.STARTING,
+            )
+            for s in self.residents.values()
+        ]
+
+    def _free_gb(self) -> float:
+        return self.budget_gb - sum(s.model.memory_gb for s in self.residents.values())
+
+    def _busy_blockers(self, s: ModelState) -> list[ModelState]:
+        """Busy models this request would wait for before its model can start."""
+        if s.state is State.READY:
+            return [s] if s.active else []
+        victims = plan(s.model.memory_gb, s.model.cfg.exclusive, self._residents_view(),
+                       self.budget_gb) or []
+        leaving = [r.id for r in self.residents.values() if r.leaving]
+        return [self.residents[v] for v in dict.fromkeys(victims + leaving)
+                if self.residents[v].active]
+
+    def _expected_wait(self, busy: list[ModelState]) -> float:
+        """Honest guess of when the busy models free up: their typical request length
+        minus how long their oldest request has run."""
+        now = self.clock()
+        wait = 1.0
+        for s in busy:
+            typical = s.avg_request_s or DEFAULT_REQUEST_S
+            oldest = min((t.granted_at for t in s.active), default=now)
+            wait = max(wait, typical - (now - oldest))
+        return wait

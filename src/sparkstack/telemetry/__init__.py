@@ -1,0 +1,1 @@
+"""Telemetry: memory sampling now; metrics and activity records build on it."""
