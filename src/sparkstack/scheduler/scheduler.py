@@ -70,7 +70,7 @@ class ModelState:
     failures: int = 0
     retry_at: float = 0.0
     unload_requested: bool = False
-    evicting: bool = False
+    evicting: str | None = None  # the model this one stops for
     started_at: float = 0.0
     ready_at: float = 0.0
     load_seconds: float | None = None
@@ -83,7 +83,8 @@ class ModelState:
 
     @property
     def leaving(self) -> bool:
-        return self.state is State.STOPPING or self.unload_requested or self.evicting
+        return (self.state is State.STOPPING or self.unload_requested
+                or self.evicting is not None)
 
     @property
     def resident(self) -> bool:
@@ -306,7 +307,7 @@ class Scheduler:
         now = self.clock()
         was_evicting = [s for s in self.residents.values() if s.evicting]
         for s in was_evicting:
-            s.evicting = False
+            s.evicting = None
         target = self._next_start(now)
         if target is not None:
             victims = plan(target.model.memory_gb, target.model.cfg.exclusive,
@@ -315,9 +316,8 @@ class Scheduler:
                 self._refuse_never_fits(target)
             else:
                 for vid in victims:
-                    self.residents[vid].evicting = True
-                for vid in victims:
-                    self._stop_if_drained(self.residents[vid], f"evicted for {target.id}")
+                    self.residents[vid].evicting = target.id
+                    self._stop_if_drained(self.residents[vid])
                 if not victims and self._free_gb() >= target.model.memory_gb - 1e-9:
                     self._start(target, now)
         # A model whose eviction is called off serves its queued requests again.
@@ -397,16 +397,17 @@ class Scheduler:
         self.effects.stop_engine(s.id, reason)
         self.effects.changed(s.id)
 
-    def _stop_if_drained(self, s: ModelState, reason: str | None = None) -> None:
+    def _stop_if_drained(self, s: ModelState) -> None:
         if s.state is State.READY and s.leaving and not s.active:
-            self._stop(s, reason or ("unloaded" if s.unload_requested else "evicted"))
+            self._stop(s, "unloaded" if s.unload_requested else f"evicted for {s.evicting}")
 
     def _set_stopped(self, s: ModelState) -> None:
         if self.starting == s.id:
             self.starting = None
         s.state = State.STOPPED
         s.active.clear()
-        s.unload_requested = s.evicting = False
+        s.unload_requested = False
+        s.evicting = None
         self.residents.pop(s.id, None)
 
     # ------------------------------------------------------------ views
