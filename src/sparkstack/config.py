@@ -34,6 +34,19 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would turn a model named `off`, `on`,
+    `yes` or `no` into a boolean."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 class ConfigError(Exception):
     """A config that cannot be used; `problems` lists every problem found."""
 
@@ -157,6 +170,11 @@ class Settings(BaseModel):
     max_body_mb: float = Field(default=100.0, gt=0)
     data_dir: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_ids(cls, v: Any) -> Any:
+        return {str(k): m for k, m in v.items()} if isinstance(v, dict) else v
 
     @field_validator("listen")
     @classmethod
@@ -291,7 +309,7 @@ def load_config(
         except OSError as e:
             raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from e
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"{source}: not valid YAML: {e}"]) from e
     if not isinstance(raw, dict):

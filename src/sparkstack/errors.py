@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,5 +43,5 @@ class ApiError(Exception):
 
 def retry_headers(seconds: float) -> dict[str, str]:
     """Both retry headers, capped at 60 s (the openai SDK honours up to 120 s, Cline 429 only)."""
-    seconds = min(60.0, max(1.0, seconds))
-    return {"Retry-After": str(round(seconds)), "retry-after-ms": str(int(seconds * 1000))}
+    whole = math.ceil(min(60.0, max(1.0, seconds)))
+    return {"Retry-After": str(whole), "retry-after-ms": str(whole * 1000)}

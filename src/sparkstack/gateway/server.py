@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ class ServeInfo:
     url: str
     budget_gb: float
     budget_source: str
+    supervisor: Supervisor
 
 
 def memory_budget(config: Config) -> tuple[float, str]:
@@ -44,7 +46,7 @@ async def serve(
     listen: str | None = None,
     *,
     extra_keys: list[str] | None = None,
-    log_dir: object = None,
+    log_dir: Path | None = None,
     on_ready: Callable[[ServeInfo], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -54,7 +56,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(config, ProcessRuntime(), budget, log_dir=log_dir)  # type: ignore[arg-type]
+    supervisor = Supervisor(config, ProcessRuntime(), budget, log_dir=log_dir)
     keys = Keyring(config, extra_keys or [])
     app = create_app(config, supervisor, keys)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -64,7 +66,7 @@ async def serve(
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         if on_ready:
-            on_ready(ServeInfo(f"http://{host}:{port}", budget, source))
+            on_ready(ServeInfo(f"http://{host}:{port}", budget, source, supervisor))
         await stop.wait()
         log.info("shutting down: waiting for in-flight requests, then stopping engines")
         await site.stop()

@@ -376,6 +376,7 @@ class Scheduler:
         s.active.add(ticket)
         s.last_used = now
         self.effects.grant(ticket)
+        self.effects.changed(s.id)
 
     def _start(self, s: ModelState, now: float) -> None:
         s.state = State.STARTING

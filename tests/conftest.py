@@ -1,0 +1,130 @@
+"""Shared harness: a real gateway in the test's event loop, in front of real fake-engine
+processes on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sparkstack.config import load_config
+from sparkstack.gateway.server import ServeInfo, serve
+from sparkstack.scheduler import ModelState, State
+from sparkstack.supervisor import Supervisor
+
+FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
+KEY = "sk-test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake(*args: Any, starts: Path | None = None) -> str:
+    """A YAML `command:` running the fake engine with these options."""
+    argv = [sys.executable, str(FAKE_ENGINE), "--port", "${PORT}", *map(str, args)]
+    if starts is not None:
+        argv += ["--starts-file", str(starts)]
+    return "[" + ", ".join(f'"{a}"' for a in argv) + "]"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not collected it yet.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+def pids(starts: Path) -> list[int]:
+    return [int(x) for x in starts.read_text().split()] if starts.exists() else []
+
+
+class Gateway:
+    def __init__(self, url: str, supervisor: Supervisor, session: aiohttp.ClientSession):
+        self.url = url
+        self.supervisor = supervisor
+        self.http = session
+
+    def state(self, model_id: str) -> ModelState:
+        return self.supervisor.scheduler.models[model_id]
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        """Wait for a scheduler state change that makes `predicate` true."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self.supervisor.wait_changed()
+
+    async def until_state(self, model_id: str, state: State, timeout: float = 20) -> None:
+        await self.until(lambda: self.state(model_id).state is state, timeout)
+
+    async def chat(self, model: str, **body: Any) -> tuple[int, dict[str, Any]]:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+        async with self.http.post(self.url + "/v1/chat/completions", json=payload) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def stream(self, model: str, **body: Any) -> list[str]:
+        """Every SSE line of a streamed chat, comments included."""
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                   "stream": True, **body}
+        lines = []
+        async with self.http.post(self.url + "/v1/chat/completions", json=payload) as resp:
+            assert resp.status == 200, await resp.text()
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line:
+                    lines.append(line)
+        return lines
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """`await start_gateway(models_yaml, **settings)` → a serving Gateway; stopped after."""
+    stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(models: str, **settings: Any) -> Gateway:
+        settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, **settings}
+        text = "".join(f"{k}: {v}\n" for k, v in settings.items())
+        text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
+        path = tmp_path / "sparkstack.yaml"
+        path.write_text(text)
+        config = load_config(path)
+        ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(
+            config, f"127.0.0.1:{free_port()}", log_dir=tmp_path / "logs",
+            on_ready=ready.set_result, stop=stop))
+        stops.append((stop, task))
+        done, _ = await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        info = ready.result()
+        session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"})
+        sessions.append(session)
+        return Gateway(info.url, info.supervisor, session)
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for stop, task in stops:
+        stop.set()
+        await task
