@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -71,20 +72,19 @@ def serve(
         shown = "<your key>" if shown else shown
 
     def ready(info: ServeInfo) -> None:
+        # Plain prints: the curl line must stay one line to paste, whatever the terminal.
         enabled = [m for m in cfg.models.values() if m.enabled]
         example = enabled[0].id if enabled else "MODEL"
-        out.print(f"[bold green]sparkstack[/] serving {len(enabled)} models from {cfg.source}")
-        out.print(f"  endpoint: {info.url}/v1", highlight=False)
-        out.print(f"  API key:  {key_note}", highlight=False)
-        out.print(f"  memory:   {info.budget_gb:g} GB budget ({info.budget_source})",
-                  highlight=False)
-        out.print(f"  logs:     {data / 'logs'}", highlight=False)
-        out.print("  try:", highlight=False)
-        out.print(
-            f"    curl {info.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' "
-            f"-H 'Content-Type: application/json' "
-            f"-d '{{\"model\": \"{example}\", \"messages\": [{{\"role\": \"user\", "
-            f"\"content\": \"Hello!\"}}]}}'", highlight=False, soft_wrap=True)
+        body = json.dumps({"model": example,
+                           "messages": [{"role": "user", "content": "Hello!"}]})
+        print(f"sparkstack serving {len(enabled)} models from {cfg.source}\n"
+              f"  endpoint: {info.url}/v1\n"
+              f"  API key:  {key_note}\n"
+              f"  memory:   {info.budget_gb:g} GB budget ({info.budget_source})\n"
+              f"  logs:     {data / 'logs'}\n"
+              f"  try:\n"
+              f"    curl {info.url}/v1/chat/completions -H 'Authorization: Bearer {shown}' "
+              f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
     try:
         _run(run_server(cfg, listen, extra_keys=extra, log_dir=data / "logs", on_ready=ready))

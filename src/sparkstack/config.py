@@ -23,7 +23,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:8009"
@@ -143,13 +142,6 @@ class ModelConfig(BaseModel):
             return {k: "" if x is None else str(x) for k, x in v.items()}
         return v
 
-    @model_validator(mode="after")
-    def _runtime_needs(self) -> ModelConfig:
-        if self.runtime == "process" and self.command is None:
-            raise ValueError("runtime 'process' needs a 'command' (a list: program and arguments)")
-        if self.pinned and self.exclusive:
-            raise ValueError("a model cannot be both 'pinned' and 'exclusive'")
-        return self
 
 
 class Settings(BaseModel):
@@ -291,6 +283,21 @@ def _format_error(source: str, err: dict[str, Any]) -> str:
     return f"{source}: {where}: {msg}"
 
 
+def _cross_field_problems(source: str, models: Any) -> list[str]:
+    problems = []
+    for model_id, entry in (models or {}).items() if isinstance(models, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        where = f"{source}: model {str(model_id)!r}"
+        process = entry.get("runtime", "process") == "process"
+        if process and entry.get("engine", "custom") == "custom" and entry.get("command") is None:
+            problems.append(f"{where}: engine 'custom' needs a 'command' "
+                            "(a list: program and arguments)")
+        if entry.get("pinned") is True and entry.get("exclusive") is True:
+            problems.append(f"{where}: a model cannot be both 'pinned' and 'exclusive'")
+    return problems
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -318,11 +325,15 @@ def load_config(
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
     unset: set[str] = set()
     raw = expand_vars(raw, env, unset)
-    problems: list[str] = []
+    # Rules across fields are checked on the raw entries, so they are reported even when
+    # a field of the same model is also wrong.
+    problems = _cross_field_problems(source, raw.get("models"))
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_format_error(source, err) for err in e.errors()]) from e
+        raise ConfigError([_format_error(source, err) for err in e.errors()] + problems) from e
+    if problems:
+        raise ConfigError(problems)
 
     base_dir = Path(path).resolve().parent if path else Path.cwd()
     models: dict[str, Model] = {}

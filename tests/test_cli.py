@@ -1,0 +1,132 @@
+"""The `sparkstack` command as a user runs it: check, serve, and a clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from .conftest import KEY, fake, free_port, pid_alive, pids
+
+SPARKSTACK = [sys.executable, "-m", "sparkstack.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SPARKSTACK, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_check_prints_every_problem(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  a: {memory_gb: lots}\n  b: {command: [x], pinned: maybe}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert "3 problem(s)" in result.stderr
+    assert "model 'a', field 'memory_gb'" in result.stderr
+    assert "model 'a': engine 'custom' needs a 'command'" in result.stderr
+    assert "model 'b', field 'pinned'" in result.stderr
+
+
+def test_check_accepts_the_example_config():
+    example = Path(__file__).parents[1] / "examples" / "fake-engines.yaml"
+    result = run_cli("check", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+    assert "2 models (2 enabled)" in result.stdout
+
+
+async def start_serving(config: Path, port: int, env: dict[str, str] | None = None):
+    proc = await asyncio.create_subprocess_exec(
+        *SPARKSTACK, "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})})
+    banner = b""
+    assert proc.stdout is not None
+    while b"curl" not in banner:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line, banner.decode()
+        banner += line
+    return proc, banner.decode()
+
+
+async def test_sigterm_finishes_inflight_stream_then_leaves_no_engine(tmp_path):
+    starts = tmp_path / "a.starts"
+    config = tmp_path / "s.yaml"
+    config.write_text(f"""
+api_keys: [{KEY}]
+memory_gb: 4
+data_dir: {tmp_path / "data"}
+models:
+  a:
+    command: {fake("--tokens", "20", "--rate", "20", starts=starts)}
+    memory_gb: 1
+""")
+    port = free_port()
+    proc, _ = await start_serving(config, port)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        payload = {"model": "a", "messages": [], "stream": True}
+        async with http.post(url, json=payload) as resp:
+            while not (await resp.content.readuntil(b"\n\n")).startswith(b"data: {"):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            rest = (await resp.content.read()).decode()
+    assert rest.rstrip().endswith("data: [DONE]"), "the in-flight stream finished"
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert not pid_alive(pids(starts)[0]), "no orphan engine"
+    assert (tmp_path / "data" / "logs" / "a.log").read_text().count("fake engine ready") == 1
+
+
+async def test_engines_die_with_a_killed_gateway(tmp_path):
+    starts = tmp_path / "a.starts"
+    config = tmp_path / "s.yaml"
+    config.write_text(f"""
+api_keys: [{KEY}]
+memory_gb: 4
+data_dir: {tmp_path / "data"}
+models:
+  a: {{command: {fake(starts=starts)}, memory_gb: 1, pinned: true}}
+""")
+    proc, _ = await start_serving(config, free_port())
+    for _ in range(100):
+        if pids(starts):
+            break
+        await asyncio.sleep(0.05)
+    engine = pids(starts)[0]
+    proc.kill()
+    await proc.wait()
+    for _ in range(100):
+        if not pid_alive(engine):
+            break
+        await asyncio.sleep(0.05)
+    assert not pid_alive(engine), "the engine follows a SIGKILLed gateway (PR_SET_PDEATHSIG)"
+
+
+async def test_first_run_generates_a_private_key_and_prints_a_curl(tmp_path):
+    config = tmp_path / "s.yaml"
+    config.write_text(f"memory_gb: 4\nmodels:\n  a: {{command: {fake()}, memory_gb: 1}}\n")
+    env = {"SPARKSTACK_DATA_DIR": str(tmp_path / "data"), "SPARKSTACK_API_KEY": "",
+           "VLLM_API_KEY": ""}
+    port = free_port()
+    proc, banner = await start_serving(config, port, env)
+    key_file = tmp_path / "data" / "api_key"
+    key = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key.startswith("sk-spark-") and key in banner
+    assert re.search(rf"curl http://127.0.0.1:{port}/v1/chat/completions .*Bearer {key}", banner)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/v1/models",
+                            headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200
+    proc.send_signal(signal.SIGTERM)
+    await proc.wait()
+    proc, banner = await start_serving(config, port, env)
+    proc.send_signal(signal.SIGTERM)
+    await proc.wait()
+    assert key in banner, "the next run uses the same key"
