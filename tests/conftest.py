@@ -111,7 +111,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         task = asyncio.create_task(serve(
-            config, f"127.0.0.1:{free_port()}", log_dir=tmp_path / "logs",
+            config, f"127.0.0.1:{free_port()}", data_dir=tmp_path / "data",
             on_ready=ready.set_result, stop=stop))
         stops.append((stop, task))
         done, _ = await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)

@@ -87,7 +87,7 @@ def serve(
               f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
     try:
-        _run(run_server(cfg, listen, extra_keys=extra, log_dir=data / "logs", on_ready=ready))
+        _run(run_server(cfg, listen, extra_keys=extra, data_dir=data, on_ready=ready))
     except OSError as e:
         err.print(f"[red]cannot serve:[/] {e}")
         raise typer.Exit(1) from e

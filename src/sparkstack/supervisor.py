@@ -20,9 +20,9 @@ from pathlib import Path
 import aiohttp
 
 from .config import Config
-from .engines import Upstream, launch_spec
+from .engines import Upstream, launch_spec, new_run
 from .errors import ApiError
-from .runtime import Engine, LaunchSpec, LogBuffer, Runtime, StartError
+from .runtime import Engine, LogBuffer, Runtime, StartError
 from .scheduler import ModelState, Scheduler, State, Ticket
 
 log = logging.getLogger("sparkstack.supervisor")
@@ -38,6 +38,7 @@ class EngineRun:
 
     model_id: str
     upstream: Upstream
+    key: str | None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     engine: Engine | None = None
     task: asyncio.Task[None] | None = None
@@ -69,19 +70,18 @@ class Supervisor:
         runtime: Runtime,
         budget_gb: float,
         *,
-        log_dir: Path | None = None,
+        data_dir: Path,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.data_dir = data_dir
         self.runtime = runtime
         s = config.settings
         self.scheduler = Scheduler(
             config.models.values(), budget_gb, self, clock,
             queue_timeout=s.queue_timeout, max_queue=s.max_queue, start_backoff=s.start_backoff,
         )
-        self.logs = {
-            mid: LogBuffer(log_dir / f"{mid}.log" if log_dir else None) for mid in config.models
-        }
+        self.logs = {mid: LogBuffer(data_dir / "logs" / f"{mid}.log") for mid in config.models}
         self.runs: dict[str, EngineRun] = {}
         self.ports: dict[str, int] = {}
         self.listeners: set[Callable[[str], None]] = set()
@@ -166,10 +166,10 @@ class Supervisor:
         if port is None or not port_is_free(port):
             port = free_port(set(self.ports.values()))
         self.ports[model_id] = port
-        spec, upstream = launch_spec(model, port)
-        run = EngineRun(model_id, upstream)
+        upstream, key = new_run(model, port)
+        run = EngineRun(model_id, upstream, key)
         self.runs[model_id] = run
-        run.task = asyncio.create_task(self._run(run, spec), name=f"engine:{model_id}")
+        run.task = asyncio.create_task(self._run(run), name=f"engine:{model_id}")
 
     def stop_engine(self, model_id: str, reason: str) -> None:
         run = self.runs.get(model_id)
@@ -216,12 +216,15 @@ class Supervisor:
 
     # ------------------------------------------------------------ one engine run
 
-    async def _run(self, run: EngineRun, spec: LaunchSpec) -> None:
+    async def _run(self, run: EngineRun) -> None:
         mid = run.model_id
         model = self.config.models[mid]
         buf = self.logs[mid]
         buf.begin_run(f"sparkstack: starting {mid} on port {self.ports[mid]}")
         try:
+            # In a thread: preparing weights (assembling a packaged GGUF) may take seconds.
+            spec = await asyncio.to_thread(
+                launch_spec, model, self.ports[mid], run.key, self.data_dir)
             run.engine = await self.runtime.start(spec, buf)
         except StartError as e:
             buf.write(f"sparkstack: {e}")

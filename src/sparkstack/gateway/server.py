@@ -46,7 +46,7 @@ async def serve(
     listen: str | None = None,
     *,
     extra_keys: list[str] | None = None,
-    log_dir: Path | None = None,
+    data_dir: Path,
     on_ready: Callable[[ServeInfo], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -56,7 +56,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(config, ProcessRuntime(), budget, log_dir=log_dir)
+    supervisor = Supervisor(config, ProcessRuntime(), budget, data_dir=data_dir)
     keys = Keyring(config, extra_keys or [])
     app = create_app(config, supervisor, keys)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
