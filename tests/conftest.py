@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sparkstack.config import load_config
+from sparkstack.config import Config, load_config
 from sparkstack.gateway.server import ServeInfo, serve
 from sparkstack.scheduler import ModelState, State
 from sparkstack.supervisor import Supervisor
@@ -101,17 +101,21 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def start(models: str, **settings: Any) -> Gateway:
-        settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, **settings}
-        text = "".join(f"{k}: {v}\n" for k, v in settings.items())
-        text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
-        path = tmp_path / "sparkstack.yaml"
-        path.write_text(text)
-        config = load_config(path)
+    async def start(models: str | Config, **settings: Any) -> Gateway:
+        """`models`: the YAML of the models (beside `settings`), or a whole Config."""
+        if isinstance(models, Config):
+            config = models
+        else:
+            settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, **settings}
+            text = "".join(f"{k}: {v}\n" for k, v in settings.items())
+            text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
+            path = tmp_path / "sparkstack.yaml"
+            path.write_text(text)
+            config = load_config(path)
         ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         task = asyncio.create_task(serve(
-            config, f"127.0.0.1:{free_port()}", data_dir=tmp_path / "data",
+            config, f"127.0.0.1:{free_port()}", data_dir=tmp_path / "data", extra_keys=[KEY],
             on_ready=ready.set_result, stop=stop))
         stops.append((stop, task))
         done, _ = await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)

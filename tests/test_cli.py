@@ -41,9 +41,11 @@ def test_check_accepts_the_example_config():
     assert "2 models (2 enabled)" in result.stdout
 
 
-async def start_serving(config: Path, port: int, env: dict[str, str] | None = None):
+async def start_serving(config: Path | None, port: int, env: dict[str, str] | None = None):
+    """`sparkstack serve` in a subprocess; returns it once its banner is printed."""
+    args = ["--config", str(config)] if config else []
     proc = await asyncio.create_subprocess_exec(
-        *SPARKSTACK, "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+        *SPARKSTACK, "serve", *args, "--listen", f"127.0.0.1:{port}",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})})
     banner = b""

@@ -12,7 +12,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .config import Config, ConfigError, load_config
+from .config import (
+    DEFAULT_CATALOG,
+    Config,
+    ConfigError,
+    builtin_catalog,
+    builtin_catalogs,
+    load_config,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="sparkstack: a home inference server behind one OpenAI-compatible endpoint.")
@@ -20,19 +27,17 @@ err = Console(stderr=True)
 out = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="catalog YAML file")]
+CatalogOpt = Annotated[str | None, typer.Option(
+    "--catalog", help=f"a built-in catalog: {', '.join(builtin_catalogs())} "
+    f"(default {DEFAULT_CATALOG} when no --config is given)")]
 
 
-def _load(config: Path | None) -> Config:
-    if config is None:
-        for candidate in (Path("sparkstack.yaml"), Path("sparkstack.yml")):
-            if candidate.exists():
-                config = candidate
-                break
-        else:
-            err.print("[red]no config:[/] pass --config FILE (or create sparkstack.yaml)")
-            raise typer.Exit(2)
+def _load(config: Path | None, catalog: str | None = None) -> Config:
+    if config is not None and catalog is not None:
+        err.print("[red]give --config or --catalog, not both[/]")
+        raise typer.Exit(2)
     try:
-        cfg = load_config(config)
+        cfg = load_config(config or builtin_catalog(catalog or DEFAULT_CATALOG))
     except ConfigError as e:
         err.print(f"[red]{len(e.problems)} problem(s) in the config:[/]")
         for p in e.problems:
@@ -46,6 +51,7 @@ def _load(config: Path | None) -> Config:
 @app.command()
 def serve(
     config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT (default from the config)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
@@ -57,7 +63,7 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config)
+    cfg = _load(config, catalog)
     data = data_dir(cfg)
     extra: list[str] = []
     key_note = "the api_keys in the config"
@@ -94,9 +100,9 @@ def serve(
 
 
 @app.command()
-def check(config: ConfigOpt = None) -> None:
+def check(config: ConfigOpt = None, catalog: CatalogOpt = None) -> None:
     """Validate a config and print every problem found."""
-    cfg = _load(config)
+    cfg = _load(config, catalog)
     from .gateway.server import memory_budget
 
     budget, source = memory_budget(cfg)

@@ -124,6 +124,18 @@ class ModelConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
 
+    @field_validator("command", "args", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        """Nested lists are spliced, so a YAML anchor can hold a shared list of flags."""
+        if not isinstance(v, list):
+            return v
+        flat: list[Any] = []
+        for item in v:
+            flat.extend(cls._flatten(item) if isinstance(item, list) else [item])
+        return [str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x
+                for x in flat]
+
     @field_validator("command")
     @classmethod
     def _command_not_empty(cls, v: list[str] | None) -> list[str] | None:
@@ -183,6 +195,22 @@ class Settings(BaseModel):
         if isinstance(v, int | float) and not isinstance(v, bool) and v <= 0:
             raise ValueError("memory_gb must be positive or 'auto'")
         return v
+
+
+CATALOG_DIR = Path(__file__).with_name("catalogs")
+DEFAULT_CATALOG = "demo-cpu"
+
+
+def builtin_catalogs() -> list[str]:
+    return sorted(p.stem for p in CATALOG_DIR.glob("*.yaml"))
+
+
+def builtin_catalog(name: str) -> Path:
+    path = CATALOG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError([f"no built-in catalog {name!r} (there are: "
+                           f"{', '.join(builtin_catalogs())})"])
+    return path
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -269,6 +297,8 @@ class Config:
 
     @property
     def source(self) -> str:
+        if self.path and self.path.parent == CATALOG_DIR:
+            return f"the built-in catalog {self.path.stem!r}"
         return str(self.path) if self.path else "<built-in>"
 
 
