@@ -25,6 +25,16 @@ from pydantic import (
     field_validator,
 )
 
+from .telemetry.memory import machine_total_gb
+
+
+def default_data_dir() -> Path:
+    """$SPARKSTACK_DATA_DIR, else $XDG_DATA_HOME/sparkstack (~/.local/share/sparkstack)."""
+    if os.environ.get("SPARKSTACK_DATA_DIR"):
+        return Path(os.environ["SPARKSTACK_DATA_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "sparkstack"
+
 DEFAULT_LISTEN = "127.0.0.1:8009"
 PORT_VAR = "PORT"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -108,7 +118,7 @@ class ModelConfig(BaseModel):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     upstream: str | None = None
     health: str = "/health"
-    memory_gb: float = Field(default=0.0, ge=0)
+    memory_gb: float | None = Field(default=None, ge=0)
     ttl: Duration | None = None
     health_timeout: Duration = 900.0
     stop_timeout: Duration = 10.0
@@ -123,6 +133,29 @@ class ModelConfig(BaseModel):
     capabilities: list[str] = Field(default_factory=lambda: ["chat", "completions"])
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
+    # runtime: docker
+    image: str | None = None
+    volumes: list[str] = Field(default_factory=list)
+    gpus: str = "all"  # none | all | device ids ("0,1")
+    shm_size: str = "16g"
+    ipc: str | None = None
+    serve_style: Literal["vllm", "model-flag"] = "vllm"
+    drop_page_cache: bool = False
+
+    @field_validator("shm_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _volumes(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for item in v:
+                if isinstance(item, str) and item.count(":") not in (1, 2):
+                    raise ValueError(f"volume {item!r} must be HOST:CONTAINER[:ro|rw]")
+        return ModelConfig._flatten(v)
 
     @field_validator("command", "args", mode="before")
     @classmethod
@@ -166,6 +199,7 @@ class Settings(BaseModel):
     api_keys: Annotated[list[str | ApiKey], BeforeValidator(_keys)] = Field(default_factory=list)
     admin_keys: Annotated[list[str], BeforeValidator(_keys)] = Field(default_factory=list)
     memory_gb: float | Literal["auto"] = "auto"
+    memory_total_gb: float | Literal["auto"] = "auto"
     memory_reserve_gb: float = Field(default=4.0, ge=0)
     idle_ttl: Duration = 1200.0
     queue_timeout: Duration = 600.0
@@ -211,6 +245,14 @@ def builtin_catalog(name: str) -> Path:
         raise ConfigError([f"no built-in catalog {name!r} (there are: "
                            f"{', '.join(builtin_catalogs())})"])
     return path
+
+
+def parse_size(value: str | int) -> int:
+    """`16g`, `512m`, `1024k` or bytes → bytes (Docker's size syntax)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"{value!r} is not a size (use 16g, 512m or bytes)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -268,14 +310,12 @@ class Model:
     ttl: float
     busy_policy: str
     base_dir: Path
+    memory_gb: float  # declared, or gpu_memory_utilization x the machine's total memory
 
     @property
     def served_name(self) -> str:
         return self.cfg.served_name or self.id
 
-    @property
-    def memory_gb(self) -> float:
-        return self.cfg.memory_gb
 
     @property
     def enabled(self) -> bool:
@@ -324,6 +364,8 @@ def _cross_field_problems(source: str, models: Any) -> list[str]:
         where = f"{source}: model {str(model_id)!r}"
         process = entry.get("runtime", "process") == "process"
         engine = entry.get("engine", "custom")
+        if entry.get("runtime") == "docker" and not entry.get("image"):
+            problems.append(f"{where}: runtime 'docker' needs an 'image'")
         if process and engine == "custom" and entry.get("command") is None:
             problems.append(f"{where}: engine 'custom' needs a 'command' "
                             "(a list: program and arguments)")
@@ -341,8 +383,10 @@ def load_config(
     env: Mapping[str, str] | None = None,
 ) -> Config:
     """Read and validate a config file (or `text`); raise ConfigError listing every problem."""
-    # ${SPARKSTACK_PYTHON} is the interpreter running sparkstack (for Python engines).
-    env = {"SPARKSTACK_PYTHON": sys.executable, **(os.environ if env is None else env)}
+    # ${SPARKSTACK_PYTHON} is the interpreter running sparkstack (for Python engines);
+    # ${SPARKSTACK_DATA} is the default data directory (catalogs keep caches under it).
+    env = {"SPARKSTACK_PYTHON": sys.executable, "SPARKSTACK_DATA": str(default_data_dir()),
+           **(os.environ if env is None else env)}
     source = str(path) if path else "<built-in>"
     if text is None:
         if path is None:
@@ -372,6 +416,10 @@ def load_config(
         raise ConfigError(problems)
 
     base_dir = Path(path).resolve().parent if path else Path.cwd()
+    total_gb = 0.0
+    if any(m.memory_gb is None and m.gpu_memory_utilization for m in settings.models.values()):
+        total_gb = (settings.memory_total_gb if settings.memory_total_gb != "auto"
+                    else machine_total_gb())
     models: dict[str, Model] = {}
     aliases: dict[str, str] = {}
     for model_id, cfg in settings.models.items():
@@ -380,12 +428,17 @@ def load_config(
                 f"{source}: model {model_id!r}: an id may hold letters, digits and . _ : - only"
             )
         ttl = settings.idle_ttl if cfg.ttl is None else cfg.ttl
+        memory = cfg.memory_gb
+        if memory is None:
+            memory = (cfg.gpu_memory_utilization or 0) * (
+                total_gb if cfg.gpu_memory_utilization else 0)
         models[model_id] = Model(
             id=model_id,
             cfg=cfg,
             ttl=ttl,
             busy_policy=cfg.busy_policy or settings.busy_policy,
             base_dir=base_dir,
+            memory_gb=round(memory, 1),
         )
     for model_id, m in models.items():
         names = list(m.cfg.aliases)

@@ -105,8 +105,12 @@ def _llamacpp(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
 
 def _vllm(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
     cfg = model.cfg
-    argv = ["vllm", "serve", resolve_weights(model, data_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--api-key", key, "--served-model-name", model.served_name]
+    weights = resolve_weights(model, data_dir)
+    # Some images' entrypoint is already `vllm`: they take `serve --model <weights>`.
+    head = (["serve", "--model", weights] if cfg.serve_style == "model-flag"
+            else ["vllm", "serve", weights])
+    argv = [*head, "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+            "--served-model-name", model.served_name]
     if cfg.max_model_len:
         argv += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.gpu_memory_utilization:

@@ -56,6 +56,11 @@ def nvml_memory() -> MemoryInfo | None:
             pynvml.nvmlShutdown()
 
 
+def machine_total_gb() -> float:
+    """What a memory fraction (vLLM's --gpu-memory-utilization) is a fraction of."""
+    return (nvml_memory() or meminfo()).total_gb
+
+
 def detect_budget(reserve_gb: float) -> tuple[float, str]:
     """The memory budget for engines when `memory_gb: auto`: device memory if NVML reports
     it, else (CPU or unified memory) total RAM, minus the reserve."""
