@@ -54,6 +54,9 @@ def serve(
     catalog: CatalogOpt = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT (default from the config)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    keep_engines: Annotated[bool, typer.Option(
+        help="on exit, leave Docker engines running; the next start adopts them "
+        "(for upgrades)")] = False,
 ) -> None:
     """Serve the catalog on one OpenAI-compatible endpoint."""
     from .gateway.server import ServeInfo
@@ -93,7 +96,8 @@ def serve(
               f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
     try:
-        _run(run_server(cfg, listen, extra_keys=extra, data_dir=data, on_ready=ready))
+        _run(run_server(cfg, listen, extra_keys=extra, data_dir=data, on_ready=ready,
+                        keep_engines=keep_engines))
     except OSError as e:
         err.print(f"[red]cannot serve:[/] {e}")
         raise typer.Exit(1) from e

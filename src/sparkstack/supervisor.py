@@ -1,4 +1,4 @@
-"""The supervisor carries out the scheduler's decisions against a runtime.
+"""The supervisor carries out the scheduler's decisions against the runtimes.
 
 It implements the scheduler's `Effects`: it starts engines (polling their health while
 watching them exit), stops them, wakes requests that were granted or refused, and
@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from .config import Config
-from .engines import Upstream, launch_spec, new_run
+from .config import Config, Model
+from .engines import Upstream, launch_spec, new_key, upstream_for
 from .errors import ApiError
 from .runtime import Engine, LogBuffer, Runtime, StartError
+from .runtime.base import free_port, port_is_free
+from .runtime.docker import LABEL_HASH, DockerRuntime
 from .scheduler import ModelState, Scheduler, State, Ticket
+from .telemetry.memory import meminfo
 
 log = logging.getLogger("sparkstack.supervisor")
 
@@ -45,37 +48,33 @@ class EngineRun:
     stop_task: asyncio.Task[None] | None = None
 
 
-def free_port(avoid: set[int]) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def drop_page_cache() -> None:
+    """Flush the page cache (root only): vLLM compares its memory fraction with what is
+    free *now*, and a previous model's weight files in the cache make it fail."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
 class Supervisor:
     def __init__(
         self,
         config: Config,
-        runtime: Runtime,
+        runtimes: Mapping[str, Runtime],
         budget_gb: float,
         *,
         data_dir: Path,
+        check_free_memory: bool = False,
+        keep_engines: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.data_dir = data_dir
-        self.runtime = runtime
+        self.runtimes = runtimes
+        # With a measured budget, a start is refused when the machine lacks the memory
+        # right now (better than vLLM failing after minutes).
+        self.check_free_memory = check_free_memory
+        self.keep_engines = keep_engines
         s = config.settings
         self.scheduler = Scheduler(
             config.models.values(), budget_gb, self, clock,
@@ -93,6 +92,9 @@ class Supervisor:
     async def __aenter__(self) -> Supervisor:
         # Health probes get their own small session: they must never queue behind traffic.
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        docker = self.runtimes.get("docker")
+        if isinstance(docker, DockerRuntime):
+            await self._adopt(docker)
         self.scheduler.tick()  # pinned models start now
         return self
 
@@ -146,7 +148,12 @@ class Supervisor:
             async with asyncio.timeout(timeout):
                 while any(s.active for s in self.scheduler.models.values()):
                     await self.wait_changed()
-        self.scheduler.stop_all("shutdown")
+        kept = {mid for mid, m in self.config.models.items()
+                if self.keep_engines and m.cfg.runtime == "docker"}
+        self.scheduler.stop_all("shutdown", keep=kept)
+        for mid in kept & set(self.runs):
+            if self.runs[mid].task:
+                self.runs[mid].task.cancel()  # stop watching; the container runs on
         tasks = [r.task for r in self.runs.values() if r.task]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -154,7 +161,8 @@ class Supervisor:
             self._timer.cancel()
         if self._http:
             await self._http.close()
-        await self.runtime.close()
+        for runtime in self.runtimes.values():
+            await runtime.close()
         for buf in self.logs.values():
             buf.close()
 
@@ -166,8 +174,8 @@ class Supervisor:
         if port is None or not port_is_free(port):
             port = free_port(set(self.ports.values()))
         self.ports[model_id] = port
-        upstream, key = new_run(model, port)
-        run = EngineRun(model_id, upstream, key)
+        key = new_key(model)
+        run = EngineRun(model_id, upstream_for(model, port, key), key)
         self.runs[model_id] = run
         run.task = asyncio.create_task(self._run(run), name=f"engine:{model_id}")
 
@@ -222,16 +230,23 @@ class Supervisor:
         buf = self.logs[mid]
         buf.begin_run(f"sparkstack: starting {mid} on port {self.ports[mid]}")
         try:
+            runtime = self.runtimes.get(model.cfg.runtime)
+            if runtime is None:
+                raise StartError(f"runtime {model.cfg.runtime!r} is not available", 503)
+            await self._check_memory(model)
             # In a thread: preparing weights (assembling a packaged GGUF) may take seconds.
             spec = await asyncio.to_thread(
                 launch_spec, model, self.ports[mid], run.key, self.data_dir)
-            run.engine = await self.runtime.start(spec, buf)
+            run.engine = await runtime.start(spec, buf)
         except StartError as e:
             buf.write(f"sparkstack: {e}")
             self.scheduler.engine_failed(
-                mid, ApiError(502, f"model {mid!r} failed to start: {e}", "engine_failed"))
+                mid, ApiError(e.status, f"model {mid!r} failed to start: {e}", e.code))
             return
         engine = run.engine
+        if engine.port != self.ports[mid] or engine.key != run.key:  # a re-used container
+            self.ports[mid] = engine.port
+            run.upstream = upstream_for(model, engine.port, engine.key)
         exited = asyncio.create_task(engine.wait())
         error = await self._wait_ready(run, exited, model.cfg.health_timeout)
         if error is not None or run.stop_requested.is_set():
@@ -246,6 +261,11 @@ class Supervisor:
             return
         buf.write(f"sparkstack: {mid} is ready ({engine.description})")
         self.scheduler.engine_ready(mid)
+        await self._serve_until_exit(run, exited)
+
+    async def _serve_until_exit(self, run: EngineRun, exited: asyncio.Task[int]) -> None:
+        """The one place a ready engine's exit is reported: asked for, or a crash."""
+        mid = run.model_id
         code = await exited
         if run.stop_task is not None:
             await run.stop_task
@@ -254,6 +274,56 @@ class Supervisor:
             crash = f"model {mid!r} engine exited with code {code} while serving" + self._tail(mid)
             log.warning("%s", crash.splitlines()[0])
         self.scheduler.engine_exited(mid, crash)
+
+    async def _check_memory(self, m: Model) -> None:
+        if m.cfg.drop_page_cache and os.geteuid() == 0:
+            await asyncio.to_thread(drop_page_cache)
+        if self.check_free_memory and m.memory_gb:
+            free = meminfo().available_gb
+            if free < m.memory_gb:
+                raise StartError(
+                    f"it needs {m.memory_gb:g} GB but only {free:.1f} GB are free now "
+                    "(MemAvailable); something outside sparkstack holds the memory"
+                    + ("" if m.cfg.drop_page_cache else ", or the page cache does: try "
+                       "drop_page_cache: true (as root)"), 503, "insufficient_memory")
+
+    async def _adopt(self, docker: DockerRuntime) -> None:
+        """After a crash or a kept shutdown: take over running containers whose config
+        still matches (ready if healthy, idle clock from now); stop stale ones."""
+        try:
+            found = await docker.managed()
+        except StartError as e:
+            log.warning("cannot look for running engines: %s", e)
+            for s in self.scheduler.models.values():
+                if s.model.cfg.runtime == "docker":
+                    s.last_error = str(e)
+            return
+        for m in found:
+            if not m.running:
+                continue  # a stopped container is re-used or re-created at its next start
+            model = self.config.models.get(m.model_id)
+            identity = None
+            if model is not None and model.cfg.runtime == "docker":
+                with contextlib.suppress(StartError):
+                    spec = await asyncio.to_thread(launch_spec, model, 0, None, self.data_dir)
+                    identity = spec.identity
+            if model is None or identity != m.labels.get(LABEL_HASH):
+                log.info("stopping stale container %s (%s)", m.container.id[:12], m.model_id)
+                await docker.stop_container(m.container)
+                continue
+            engine = docker.attach(m, self.logs[model.id])
+            run = EngineRun(model.id, upstream_for(model, engine.port, engine.key), engine.key)
+            run.engine = engine
+            if not await self._healthy(run.upstream.base_url + model.cfg.health, run.upstream):
+                log.info("stopping unhealthy container of %s", model.id)
+                await engine.stop(model.cfg.stop_timeout)
+                continue
+            self.ports[model.id] = engine.port
+            self.runs[model.id] = run
+            self.logs[model.id].begin_run(f"sparkstack: adopted running {engine.description}")
+            self.scheduler.adopt(model.id)
+            run.task = asyncio.create_task(
+                self._serve_until_exit(run, asyncio.create_task(engine.wait())))
 
     async def _wait_ready(
         self, run: EngineRun, exited: asyncio.Task[int], timeout: float

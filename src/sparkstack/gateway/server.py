@@ -17,7 +17,8 @@ from pathlib import Path
 from aiohttp import web
 
 from ..config import Config, parse_listen
-from ..runtime import ProcessRuntime
+from ..runtime import ProcessRuntime, Runtime
+from ..runtime.docker import DockerRuntime
 from ..supervisor import Supervisor
 from ..telemetry.memory import detect_budget
 from .app import create_app
@@ -46,6 +47,7 @@ async def serve(
     listen: str | None = None,
     *,
     extra_keys: list[str] | None = None,
+    keep_engines: bool = False,
     data_dir: Path,
     on_ready: Callable[[ServeInfo], None] | None = None,
     stop: asyncio.Event | None = None,
@@ -56,7 +58,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(config, ProcessRuntime(), budget, data_dir=data_dir)
+    runtimes: dict[str, Runtime] = {"process": ProcessRuntime()}
+    if any(m.cfg.runtime == "docker" for m in config.models.values()):
+        runtimes["docker"] = DockerRuntime()
+    supervisor = Supervisor(
+        config, runtimes, budget, data_dir=data_dir, keep_engines=keep_engines,
+        check_free_memory=config.settings.memory_gb == "auto")
     keys = Keyring(config, extra_keys or [])
     app = create_app(config, supervisor, keys)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,

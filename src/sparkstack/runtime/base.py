@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,11 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 class StartError(Exception):
     """The engine could not be launched at all (bad command, missing image...)."""
 
+    def __init__(self, message: str, status: int = 502, code: str = "engine_failed"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -27,7 +33,9 @@ class LaunchSpec:
     argv: Sequence[str]
     env: Mapping[str, str]
     port: int
+    key: str | None = None  # the run's internal API key, if the engine takes one
     cwd: Path | None = None
+    identity: str = ""  # hash of everything but port and key: a container is re-used on match
 
 
 class Engine(Protocol):
@@ -35,6 +43,16 @@ class Engine(Protocol):
 
     @property
     def description(self) -> str: ...
+
+    @property
+    def port(self) -> int:
+        """Where it listens (a re-used container keeps the port it was created with)."""
+        ...
+
+    @property
+    def key(self) -> str | None:
+        """Its internal API key (likewise kept by a re-used container)."""
+        ...
 
     async def wait(self) -> int:
         """Return the exit code once the engine has exited."""
@@ -49,6 +67,24 @@ class Runtime(Protocol):
     async def start(self, spec: LaunchSpec, log: LogBuffer) -> Engine: ...
 
     async def close(self) -> None: ...
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(avoid: Set[int] = frozenset()) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 @dataclass

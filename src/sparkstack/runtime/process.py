@@ -22,9 +22,10 @@ def _die_with_parent() -> None:
 
 
 class ProcessEngine:
-    def __init__(self, proc: asyncio.subprocess.Process, argv: list[str], log: LogBuffer):
+    def __init__(self, proc: asyncio.subprocess.Process, spec: LaunchSpec, log: LogBuffer):
         self.proc = proc
-        self.argv = argv
+        self.port = spec.port
+        self.key = spec.key
         self._reader = asyncio.create_task(self._pump(log))
 
     @property
@@ -84,8 +85,9 @@ class ProcessRuntime:
             )
         except OSError as e:
             raise StartError(f"cannot run {argv[0]!r}: {e.strerror or e}") from e
-        log.write(f"started {' '.join(argv)} (pid {proc.pid})")
-        return ProcessEngine(proc, argv, log)
+        shown = " ".join(a.replace(spec.key, "***") if spec.key else a for a in argv)
+        log.write(f"started {shown} (pid {proc.pid})")
+        return ProcessEngine(proc, spec, log)
 
     async def close(self) -> None:
         return None

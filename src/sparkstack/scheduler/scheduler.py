@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -262,10 +262,23 @@ class Scheduler:
         for s in self.models.values():
             self._reject_all(s, error)
 
-    def stop_all(self, reason: str = "shutdown") -> None:
+    def stop_all(self, reason: str = "shutdown", keep: Set[str] = frozenset()) -> None:
         for s in list(self.residents.values()):
-            if s.state in (State.READY, State.STARTING):
+            if s.state in (State.READY, State.STARTING) and s.id not in keep:
                 self._stop(s, reason)
+
+    def adopt(self, model_id: str) -> None:
+        """A healthy engine from an earlier gateway is ours again: ready, idle clock from now."""
+        s = self.models[model_id]
+        if s.state is not State.STOPPED:
+            return
+        now = self.clock()
+        s.state = State.READY
+        s.run += 1
+        s.ready_at = s.last_used = now
+        self.residents[model_id] = s
+        self.effects.changed(model_id)
+        self._schedule()
 
     # ------------------------------------------------------------ time
 
