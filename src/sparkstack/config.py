@@ -138,6 +138,9 @@ class ModelConfig(BaseModel):
     volumes: list[str] = Field(default_factory=list)
     gpus: str = "all"  # none | all | device ids ("0,1")
     shm_size: str = "16g"
+    # vLLM pins memory and needs a deep stack; -1 is unlimited.
+    ulimits: dict[str, int] = Field(
+        default_factory=lambda: {"memlock": -1, "stack": 67108864})
     ipc: str | None = None
     serve_style: Literal["vllm", "model-flag"] = "vllm"
     drop_page_cache: bool = False

@@ -67,6 +67,7 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> Lau
     identity = hashlib.sha256(json.dumps({
         "argv": argv, "env": cfg.env, "runtime": cfg.runtime, "image": cfg.image,
         "volumes": cfg.volumes, "gpus": cfg.gpus, "shm_size": cfg.shm_size, "ipc": cfg.ipc,
+        "ulimits": cfg.ulimits,
         "cwd": cfg.cwd,
     }, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -70,7 +70,10 @@ class Runtime(Protocol):
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody listens on it (connections of an earlier run in TIME_WAIT do not count:
+    servers bind with SO_REUSEADDR, and so does this check)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -32,7 +32,6 @@ LABEL_MODEL = "org.sparkstack.model"
 LABEL_HASH = "org.sparkstack.config-hash"
 LABEL_PORT = "org.sparkstack.port"
 LABEL_KEY = "org.sparkstack.engine-key"
-STACK_BYTES = 67108864
 
 
 def container_name(model_id: str) -> str:
@@ -63,8 +62,7 @@ def container_config(spec: LaunchSpec, labels: dict[str, str]) -> dict[str, Any]
         "NetworkMode": "host",
         "Binds": [resolve_volume(v, spec.model.base_dir) for v in cfg.volumes],
         "ShmSize": parse_size(cfg.shm_size),
-        "Ulimits": [{"Name": "memlock", "Soft": -1, "Hard": -1},
-                    {"Name": "stack", "Soft": STACK_BYTES, "Hard": STACK_BYTES}],
+        "Ulimits": [{"Name": k, "Soft": v, "Hard": v} for k, v in cfg.ulimits.items()],
         "Init": True,
         "RestartPolicy": {"Name": "no"},
     }
@@ -163,7 +161,10 @@ class DockerRuntime:
                     await existing.start()
                     return ContainerEngine(existing, port, labels.get(LABEL_KEY), log_buffer,
                                            since=int(time.time()) - 1)
-                log_buffer.write("sparkstack: configuration changed: re-creating the container")
+                why = ("its configuration changed" if labels.get(LABEL_HASH) != spec.identity
+                       else f"its port {port} is taken" if not info["State"]["Running"]
+                       else "it was running outside sparkstack's control")
+                log_buffer.write(f"sparkstack: re-creating the container: {why}")
                 await existing.delete(force=True)
             await self._require_image(docker, model)
             labels = {LABEL_MODEL: model.id, LABEL_HASH: spec.identity,
