@@ -132,3 +132,48 @@ async def test_first_run_generates_a_private_key_and_prints_a_curl(tmp_path):
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
     assert key in banner, "the next run uses the same key"
+
+
+def test_models_lists_the_dgx_spark_catalog():
+    result = run_cli("models", "--catalog", "dgx-spark", env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    assert "27 models in the built-in catalog 'dgx-spark'" in result.stdout
+    for model in ("gpt-oss-120b", "qwen2.5-1.5b-instruct", "nemotron-3-nano-30b-nvfp4"):
+        assert model in result.stdout
+
+
+async def test_setup_fetches_the_tiktoken_files_where_the_catalog_mounts_them(tmp_path):
+    from aiohttp import web
+
+    served = {"cl100k_base.tiktoken": b"IQ== 0\nIg== 1\n", "o200k_base.tiktoken": b"IQ== 0\n"}
+
+    async def file(request: web.Request) -> web.Response:
+        return web.Response(body=served[request.match_info["name"]])
+
+    app = web.Application()
+    app.router.add_get("/enc/{name}", file)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = tmp_path / "c.yaml"
+    config.write_text("""
+models:
+  oss:
+    runtime: docker
+    engine: vllm
+    image: some/vllm:1
+    weights: openai/gpt-oss-20b
+    env: {TIKTOKEN_ENCODINGS_BASE: /etc/encodings}
+    volumes: ["./enc:/etc/encodings:ro"]
+""")
+    try:
+        args = ["setup", "--config", str(config), "--tiktoken-url", f"http://127.0.0.1:{port}/enc"]
+        first = await asyncio.to_thread(run_cli, *args)
+        assert first.returncode == 0, first.stderr
+        for name, data in served.items():
+            assert (tmp_path / "enc" / name).read_bytes() == data
+        second = await asyncio.to_thread(run_cli, *args)
+        assert second.stdout.count("already present") == 2
+    finally:
+        await runner.cleanup()

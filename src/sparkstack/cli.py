@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import aiohttp
 import typer
 from rich.console import Console
 
@@ -104,19 +105,72 @@ def serve(
 
 
 @app.command()
-def check(config: ConfigOpt = None, catalog: CatalogOpt = None) -> None:
-    """Validate a config and print every problem found."""
+def check(
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to check")] = None,
+) -> None:
+    """Validate a config and the host; print every problem found and how to fix it."""
     cfg = _load(config, catalog)
     from .gateway.server import memory_budget
+    from .hostcheck import check_host
 
     budget, source = memory_budget(cfg)
     enabled = sum(m.enabled for m in cfg.models.values())
     out.print(f"[green]ok[/]: {cfg.source}: {len(cfg.models)} models ({enabled} enabled), "
               f"memory budget {budget:g} GB ({source})", highlight=False)
+    problems = 0
     for m in cfg.models.values():
-        if m.memory_gb > budget:
-            out.print(f"[yellow]warning:[/] model {m.id!r} needs {m.memory_gb:g} GB, more than "
-                      f"the {budget:g} GB budget on this machine", highlight=False)
+        if m.enabled and m.memory_gb > budget:
+            problems += 1
+            out.print(f"[red]✗[/] model {m.id!r} needs {m.memory_gb:g} GB, more than the "
+                      f"{budget:g} GB budget on this machine", highlight=False)
+    for f in asyncio.run(check_host(cfg, listen)):
+        problems += not f.ok
+        mark = "[green]✓[/]" if f.ok else "[red]✗[/]"
+        out.print(f"{mark} {f.text}" + ("" if f.ok or not f.fix else f"\n    fix: {f.fix}"),
+                  highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(config: ConfigOpt = None, catalog: CatalogOpt = None) -> None:
+    """List a catalog's models."""
+    from rich.table import Table
+
+    cfg = _load(config, catalog)
+    table = Table(title=f"{len(cfg.models)} models in {cfg.source}", title_justify="left")
+    for col in ("id", "engine", "runtime", "image / weights", "memory", "context", "status",
+                "notes"):
+        table.add_column(col, overflow="fold")
+    for m in cfg.models.values():
+        flags = " ".join(f for f, on in (("pinned", m.cfg.pinned),
+                                        ("exclusive", m.cfg.exclusive)) if on)
+        table.add_row(
+            m.id, m.cfg.engine, m.cfg.runtime, m.cfg.image or m.cfg.weights or "",
+            f"{m.memory_gb:g} GB", str(m.cfg.max_model_len or ""),
+            m.cfg.status + (f" {flags}" if flags else ""), m.cfg.notes)
+    out.print(table)
+
+
+@app.command()
+def setup(
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+    tiktoken_url: Annotated[str, typer.Option(help="where to fetch the tiktoken files")] = "",
+) -> None:
+    """Fetch the files a catalog mounts but nobody ships (GPT-OSS's tiktoken files)."""
+    from .hostcheck import TIKTOKEN_URL
+    from .hostcheck import setup as run_setup
+
+    cfg = _load(config, catalog)
+    try:
+        for line in asyncio.run(run_setup(cfg, tiktoken_url or TIKTOKEN_URL)):
+            out.print(line, highlight=False)
+    except (RuntimeError, OSError, aiohttp.ClientError) as e:
+        err.print(f"[red]setup failed:[/] {e}")
+        raise typer.Exit(1) from e
 
 
 def _run(coro: object) -> None:
