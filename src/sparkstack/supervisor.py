@@ -154,8 +154,14 @@ class Supervisor:
         for mid in kept & set(self.runs):
             if self.runs[mid].task:
                 self.runs[mid].task.cancel()  # stop watching; the container runs on
-        tasks = [r.task for r in self.runs.values() if r.task]
+        tasks = [r.task for r in self.runs.values() if r.task and not r.task.done()]
         if tasks:
+            # Bounded: an engine we cannot even observe (Docker gone) must not hang the exit.
+            grace = max(m.cfg.stop_timeout for m in self.config.models.values())
+            _, stuck = await asyncio.wait(tasks, timeout=grace + 15)
+            for task in stuck:
+                log.warning("gave up waiting for %s to stop", task.get_name())
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._timer:
             self._timer.cancel()

@@ -118,7 +118,7 @@ class ContainerEngine:
 
     async def stop(self, grace: float) -> None:
         """`docker stop`: SIGTERM, then SIGKILL after the grace."""
-        with contextlib.suppress(aiodocker.DockerError):
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
             await self.container.stop(t=max(1, math.ceil(grace)))
 
 
