@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 
 ## run: install and serve (the CPU demo catalog unless ARGS='--config FILE')
 run: install
+	$(BIN)/sparkstack setup $(ARGS)
 	$(BIN)/sparkstack serve $(ARGS)
 
 ## test: system packages (as root), lint, then the whole suite

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import socket
+import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -93,6 +96,57 @@ class Gateway:
 
 
 StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+# ------------------------------------------------------------------ Docker
+# The test image is assembled here, without any registry: an almost empty root file
+# system (`docker import`) into which the host's Python, the virtualenv and this
+# repository are bind-mounted read-only, so a container can run the fake engine or the
+# llama-server binary of the venv.
+
+IMAGE = "sparkstack-test-engine:2"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rootfs_tar() -> bytes:
+    """A root file system with only the directories and symlinks a Debian host's
+    bind-mounted /usr needs (merged /usr: /bin, /lib, /lib64 point into it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        # /sbin is a real directory: Docker mounts its init process at /sbin/docker-init.
+        for d in ("usr", "tmp", "etc", "proc", "sys", "dev", "root", "work", "sbin"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        for link in ("bin", "lib", "lib64"):
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    try:
+        subprocess.run(["docker", "info"], check=True, capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        message = f"no Docker daemon answers ({e}); `make test` starts one when run as root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
+        subprocess.run(["docker", "import", "-", IMAGE], input=_rootfs_tar(), check=True,
+                       capture_output=True, timeout=60)
+    return IMAGE
+
+
+def mounts(tmp_path: Path) -> list[str]:
+    """What the fake engine needs from the host, read-only, plus the test's folder."""
+    paths = {Path("/usr"), Path(sys.base_prefix).resolve(), Path(sys.prefix), REPO, tmp_path}
+    return [f"{p}:{p}:{'rw' if p == tmp_path else 'ro'}" for p in sorted(paths)]
+
+
+
 
 
 @pytest.fixture

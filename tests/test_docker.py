@@ -1,20 +1,14 @@
-"""The Docker runtime against a real Docker daemon.
-
-The test image is assembled here, without any registry: an almost empty root file
-system (`docker import`) into which the host's Python, the virtualenv and this
-repository are bind-mounted read-only, so the container runs tests/fake_engine.py.
-With CI=true these tests fail (not skip) when Docker cannot be reached.
-"""
+"""The Docker runtime against a real Docker daemon, with the test image assembled by
+conftest.docker_image (no registry). With CI=true these tests fail, not skip, when
+Docker cannot be reached."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import aiodocker
@@ -24,49 +18,8 @@ import pytest
 from sparkstack.runtime.docker import LABEL_HASH, LABEL_MODEL, container_name
 from sparkstack.scheduler import State
 
-from .conftest import FAKE_ENGINE, KEY, free_port, pids
+from .conftest import FAKE_ENGINE, IMAGE, KEY, free_port, mounts, pids
 from .test_cli import start_serving
-
-IMAGE = "sparkstack-test-engine:2"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _rootfs_tar() -> bytes:
-    """A root file system with only the directories and symlinks a Debian host's
-    bind-mounted /usr needs (merged /usr: /bin, /lib, /lib64 point into it)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        # /sbin is a real directory: Docker mounts its init process at /sbin/docker-init.
-        for d in ("usr", "tmp", "etc", "proc", "sys", "dev", "root", "work", "sbin"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        for link in ("bin", "lib", "lib64"):
-            info = tarfile.TarInfo(link)
-            info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
-            tar.addfile(info)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="session")
-def docker_image() -> str:
-    try:
-        subprocess.run(["docker", "info"], check=True, capture_output=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as e:
-        message = f"no Docker daemon answers ({e}); `make test` starts one when run as root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
-        subprocess.run(["docker", "import", "-", IMAGE], input=_rootfs_tar(), check=True,
-                       capture_output=True, timeout=60)
-    return IMAGE
-
-
-def mounts(tmp_path: Path) -> list[str]:
-    """What the fake engine needs from the host, read-only, plus the test's folder."""
-    paths = {Path("/usr"), Path(sys.base_prefix).resolve(), Path(sys.prefix), REPO, tmp_path}
-    return [f"{p}:{p}:{'rw' if p == tmp_path else 'ro'}" for p in sorted(paths)]
 
 
 def docker_model(name: str, tmp_path: Path, *args: str, ttl: str = "10m") -> str:
@@ -225,3 +178,19 @@ async def test_unreachable_docker_fails_closed_with_503(start_gateway, tmp_path,
     async with gw.http.get(gw.url + "/api/models") as resp:
         (dk,) = (await resp.json())["models"]
     assert "Docker is not reachable" in dk["last_error"]
+
+
+def test_check_lists_the_images_a_host_is_missing(docker_image, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sparkstack.cli", "check", "--catalog", "dgx-spark"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SPARKSTACK_DATA_DIR": str(tmp_path), "COLUMNS": "300"})
+    assert result.returncode == 1, "problems found: exit 1"
+    out = result.stdout
+    assert "Docker reachable" in out
+    for image in ("avarok/vllm-dgx-spark:v11", "christopherowen/vllm-dgx-spark:v12",
+                  "nvcr.io/nvidia/vllm:25.10-py3"):
+        assert f"image {image} missing" in out
+        assert f"docker build -t {image}" in out
+    assert "missing cl100k_base.tiktoken, o200k_base.tiktoken" in out
+    assert "run: sparkstack setup" in out

