@@ -31,6 +31,7 @@ lint: install
 
 ## bench: the performance harness (never part of `make test`)
 bench: system-deps install
+	$(BIN)/pip install -q -e '.[dev,demo,bench]'
 	$(BIN)/python -m bench.run
 
 system-deps:

@@ -32,6 +32,7 @@ def new_client_session() -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        cookie_jar=aiohttp.DummyCookieJar(),  # engines set no cookies: skip the jar per request
     )
 
 

@@ -8,6 +8,7 @@ started, so nothing is left holding GPU memory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -69,6 +70,12 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.settings.shutdown_timeout)
     await runner.setup()
+    # Full garbage collections paused 400 relayed streams for ~50 ms (docs/performance.md):
+    # move everything alive at start-up out of the collector's sight and collect young
+    # objects less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     async with supervisor:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

@@ -7,11 +7,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class ResidentLike(Protocol):
+    """What the policy reads of a model holding memory (starting, ready or stopping)."""
+
+    id: str
+    memory_gb: float
+    last_used: float
+    pinned: bool
+    exclusive: bool
+
+    @property
+    def busy(self) -> bool: ...  # has in-flight requests: stops only when they finish
+
+    @property
+    def leaving(self) -> bool: ...  # already stopping or asked to: its memory is on its way out
+
+    @property
+    def movable(self) -> bool: ...  # False while it starts
 
 
 @dataclass(frozen=True, slots=True)
 class Resident:
-    """A model holding memory: starting, ready or stopping."""
+    """A plain ResidentLike, for tests and tools (the scheduler passes its own states)."""
 
     id: str
     memory_gb: float
@@ -24,7 +44,7 @@ class Resident:
 
 
 def plan(
-    memory_gb: float, exclusive: bool, residents: Sequence[Resident], budget_gb: float
+    memory_gb: float, exclusive: bool, residents: Sequence[ResidentLike], budget_gb: float
 ) -> list[str] | None:
     """Ids of the residents to stop so a model of `memory_gb` fits; None if it never can.
 
@@ -46,7 +66,7 @@ def plan(
     def fits(freed: float) -> bool:
         return used - freed + memory_gb <= budget_gb + 1e-9
 
-    optional: list[Resident] = []
+    optional: list[ResidentLike] = []
     if not fits(freeing):
         forced_ids = {r.id for r in forced}
         candidates = sorted(

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from ..config import Model
 from ..errors import ApiError, retry_headers
-from .eviction import Resident, plan
+from .eviction import plan
 
 MAX_BACKOFF_S = 60.0
 DEFAULT_REQUEST_S = 15.0  # what we assume a request takes before we have measured any
@@ -60,6 +60,9 @@ class Ticket:
 
 @dataclass(eq=False)
 class ModelState:
+    """One model's live state. It is also what `eviction.plan` reads (id, memory_gb,
+    busy, last_used, pinned, exclusive, leaving, movable): no copy per decision."""
+
     model: Model
     state: State = State.STOPPED
     run: int = 0  # increments at each start; requests of an older run no longer count
@@ -77,9 +80,19 @@ class ModelState:
     stop_reason: str | None = None
     avg_request_s: float | None = None
 
+    def __post_init__(self) -> None:
+        self.id = self.model.id
+        self.memory_gb = self.model.memory_gb
+        self.pinned = self.model.cfg.pinned
+        self.exclusive = self.model.cfg.exclusive
+
     @property
-    def id(self) -> str:
-        return self.model.id
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    @property
+    def movable(self) -> bool:
+        return self.state is not State.STARTING  # a start is never cut short
 
     @property
     def leaving(self) -> bool:
@@ -158,6 +171,7 @@ class Scheduler:
         self.queued += 1
         if s.state is not State.STARTING:
             self.pending.setdefault(model_id, None)
+        self.effects.wake_at(ticket.deadline)
         self._schedule()
         return ticket
 
@@ -165,7 +179,8 @@ class Scheduler:
         """The request ended (answered, failed, or its client went away)."""
         s = self.models[ticket.model]
         now = self.clock()
-        if ticket.status == "waiting":
+        waiting = ticket.status == "waiting"
+        if waiting:
             ticket.status = "done"
             s.waiters.remove(ticket)
             self.queued -= 1
@@ -180,10 +195,15 @@ class Scheduler:
                 s.avg_request_s = took if s.avg_request_s is None else (
                     0.8 * s.avg_request_s + 0.2 * took)
                 self._stop_if_drained(s)
+                self._wake_for_idle(s)
         else:
             return
         self.effects.changed(s.id)
-        self._schedule()
+        # Re-plan only when it can change something: a waiter left (its eviction may be
+        # called off) or starts are waiting (a drained victim frees their memory). A
+        # request ending on a model nobody waits for is the hot path: no scan at all.
+        if waiting or self.pending:
+            self._schedule()
 
     # ------------------------------------------------------------ engine events
 
@@ -204,6 +224,7 @@ class Scheduler:
             self.queued -= 1
         self.effects.changed(model_id)
         self._stop_if_drained(s)
+        self._wake_for_idle(s)
         self._schedule()
 
     def engine_failed(self, model_id: str, error: ApiError) -> None:
@@ -214,6 +235,7 @@ class Scheduler:
         now = self.clock()
         s.failures += 1
         s.retry_at = now + min(MAX_BACKOFF_S, self.start_backoff * 2 ** (s.failures - 1))
+        self.effects.wake_at(s.retry_at)
         s.last_error = error.message
         s.unload_requested = False
         self._set_stopped(s)
@@ -278,6 +300,7 @@ class Scheduler:
         s.ready_at = s.last_used = now
         self.residents[model_id] = s
         self.effects.changed(model_id)
+        self._wake_for_idle(s)
         self._schedule()
 
     # ------------------------------------------------------------ time
@@ -298,8 +321,11 @@ class Scheduler:
                     f"memory held by {names}", "queue_timeout",
                     retry_headers(self._expected_wait(busy))), expired_by=now)
         self._schedule()
+        self.effects.wake_at(self.next_deadline())
 
     def next_deadline(self) -> float | None:
+        """The earliest idle TTL, queue timeout or back-off. A full scan: only tick() runs
+        it; every event that creates a deadline reports it through wake_at itself."""
         deadlines = [self._idle_deadline(s) for s in self.residents.values()]
         for mid in self.pending:
             s = self.models[mid]
@@ -314,7 +340,6 @@ class Scheduler:
     def _schedule(self) -> None:
         if not self.shutting_down:
             self._plan_starts()
-        self.effects.wake_at(self.next_deadline())
 
     def _plan_starts(self) -> None:
         now = self.clock()
@@ -335,11 +360,12 @@ class Scheduler:
                     self._start(target, now)
         # A model whose eviction is called off serves its queued requests again.
         for s in was_evicting:
-            if s.state is State.READY and not s.leaving and s.waiters:
+            if s.state is State.READY and not s.leaving:
                 self.pending.pop(s.id, None)
                 while s.waiters:
                     self._grant(s, s.waiters.popleft(), now)
                     self.queued -= 1
+                self._wake_for_idle(s)
                 self.effects.changed(s.id)
         if self.starting is None and not self.pending:
             self._start_pinned(now)
@@ -426,22 +452,19 @@ class Scheduler:
 
     # ------------------------------------------------------------ views
 
+    def _wake_for_idle(self, s: ModelState) -> None:
+        when = self._idle_deadline(s)
+        if when != math.inf:
+            self.effects.wake_at(when)
+
     def _idle_deadline(self, s: ModelState) -> float:
         if (s.state is not State.READY or s.active or s.leaving or s.model.cfg.pinned
                 or s.model.ttl <= 0):
             return math.inf
         return s.last_used + s.model.ttl
 
-    def _residents_view(self) -> list[Resident]:
-        return [
-            Resident(
-                id=s.id, memory_gb=s.model.memory_gb, busy=bool(s.active),
-                last_used=s.last_used, pinned=s.model.cfg.pinned,
-                exclusive=s.model.cfg.exclusive, leaving=s.leaving,
-                movable=s.state is not State.STARTING,
-            )
-            for s in self.residents.values()
-        ]
+    def _residents_view(self) -> list[ModelState]:
+        return list(self.residents.values())
 
     def _free_gb(self) -> float:
         return self.budget_gb - sum(s.model.memory_gb for s in self.residents.values())
