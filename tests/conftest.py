@@ -54,6 +54,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def write_config(tmp_path: Path, models: str) -> Path:
+    """A config file for a gateway run as a subprocess: the test key, a 4 GB budget, data
+    under tmp_path, and `models` (YAML of the models, indented or not)."""
+    path = tmp_path / "sparkstack.yaml"
+    path.write_text(f"api_keys: [{KEY}]\nmemory_gb: 4\ndata_dir: {tmp_path / 'data'}\n"
+                    "models:\n" + textwrap.indent(textwrap.dedent(models).strip("\n"), "  ")
+                    + "\n")
+    return path
+
+
 def pids(starts: Path) -> list[int]:
     return [int(x) for x in starts.read_text().split()] if starts.exists() else []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .conftest import KEY, fake, free_port, pid_alive, pids
+from .conftest import KEY, fake, free_port, pid_alive, pids, write_config
 
 SPARKSTACK = [sys.executable, "-m", "sparkstack.cli"]
 
@@ -59,16 +59,11 @@ async def start_serving(config: Path | None, port: int, env: dict[str, str] | No
 
 async def test_sigterm_finishes_inflight_stream_then_leaves_no_engine(tmp_path):
     starts = tmp_path / "a.starts"
-    config = tmp_path / "s.yaml"
-    config.write_text(f"""
-api_keys: [{KEY}]
-memory_gb: 4
-data_dir: {tmp_path / "data"}
-models:
-  a:
-    command: {fake("--tokens", "20", "--rate", "20", starts=starts)}
-    memory_gb: 1
-""")
+    config = write_config(tmp_path, f"""
+    a:
+      command: {fake("--tokens", "20", "--rate", "20", starts=starts)}
+      memory_gb: 1
+    """)
     port = free_port()
     proc, _ = await start_serving(config, port)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -87,14 +82,8 @@ models:
 
 async def test_engines_die_with_a_killed_gateway(tmp_path):
     starts = tmp_path / "a.starts"
-    config = tmp_path / "s.yaml"
-    config.write_text(f"""
-api_keys: [{KEY}]
-memory_gb: 4
-data_dir: {tmp_path / "data"}
-models:
-  a: {{command: {fake(starts=starts)}, memory_gb: 1, pinned: true}}
-""")
+    config = write_config(tmp_path, f"a: {{command: {fake(starts=starts)}, memory_gb: 1, "
+                                    "pinned: true}")
     proc, _ = await start_serving(config, free_port())
     for _ in range(100):
         if pids(starts):

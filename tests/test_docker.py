@@ -18,7 +18,7 @@ import pytest
 from sparkstack.runtime.docker import LABEL_HASH, LABEL_MODEL, container_name
 from sparkstack.scheduler import State
 
-from .conftest import FAKE_ENGINE, IMAGE, KEY, free_port, mounts, pids
+from .conftest import FAKE_ENGINE, IMAGE, KEY, free_port, mounts, pids, write_config
 from .test_cli import start_serving
 
 
@@ -93,9 +93,7 @@ async def test_config_change_recreates_the_container(start_gateway, tmp_path, do
 
 
 async def test_killed_gateway_restarts_and_adopts_the_running_container(tmp_path, docker):
-    config = tmp_path / "s.yaml"
-    config.write_text(f"api_keys: [{KEY}]\nmemory_gb: 4\ndata_dir: {tmp_path / 'data'}\n"
-                      f"models:{docker_model('dk', tmp_path)}")
+    config = write_config(tmp_path, docker_model("dk", tmp_path))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -125,9 +123,7 @@ async def test_killed_gateway_restarts_and_adopts_the_running_container(tmp_path
 
 
 async def test_keep_engines_leaves_the_container_for_the_next_gateway(tmp_path, docker):
-    config = tmp_path / "s.yaml"
-    config.write_text(f"api_keys: [{KEY}]\nmemory_gb: 4\ndata_dir: {tmp_path / 'data'}\n"
-                      f"models:{docker_model('dk', tmp_path)}")
+    config = write_config(tmp_path, docker_model("dk", tmp_path))
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sparkstack.cli", "serve", "--config", str(config),
