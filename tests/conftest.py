@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 import pytest
 
 from sparkstack.config import Config, load_config
 from sparkstack.gateway.server import ServeInfo, serve
+from sparkstack.runtime.docker import LABEL_MODEL
 from sparkstack.scheduler import ModelState, State
 from sparkstack.supervisor import Supervisor
 
@@ -148,6 +150,18 @@ def docker_image() -> str:
         subprocess.run(["docker", "import", "-", IMAGE], input=_rootfs_tar(), check=True,
                        capture_output=True, timeout=60)
     return IMAGE
+
+
+@pytest.fixture
+async def docker(docker_image: str) -> AsyncIterator[aiodocker.Docker]:
+    """A Docker client; removes the containers the test made when it ends."""
+    client = aiodocker.Docker()
+    yield client
+    # Only the tests' own containers (from the test image): never a user's real engines.
+    ours = {"label": [LABEL_MODEL], "ancestor": [IMAGE]}
+    for c in await client.containers.list(all=True, filters=ours):
+        await c.delete(force=True)
+    await client.close()
 
 
 def mounts(tmp_path: Path) -> list[str]:

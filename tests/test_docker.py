@@ -42,15 +42,6 @@ def docker_model(name: str, tmp_path: Path, *args: str, ttl: str = "10m") -> str
     """
 
 
-@pytest.fixture
-async def docker(docker_image):
-    client = aiodocker.Docker()
-    yield client
-    for c in await client.containers.list(all=True, filters={"label": [LABEL_MODEL]}):
-        await c.delete(force=True)
-    await client.close()
-
-
 async def info(client: aiodocker.Docker, model: str) -> dict:
     return await (await client.containers.get(container_name(model))).show()
 

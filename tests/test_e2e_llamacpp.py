@@ -206,7 +206,8 @@ async def test_the_demo_catalog_serves_with_no_config(tmp_path, gguf):
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
-async def test_the_demo_engine_runs_in_a_container(start_gateway, gguf, tmp_path, docker_image):
+async def test_the_demo_engine_runs_in_a_container(start_gateway, gguf, tmp_path, docker,
+                                                  docker_image):
     """runtime: docker with the llama.cpp template: the container runs the llama-server
     binary and its libraries from the host (mounted read-only into the test image)."""
     volumes = [*mounts(tmp_path), f"{gguf.parent}:{gguf.parent}:ro"]
