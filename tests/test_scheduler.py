@@ -186,6 +186,22 @@ def test_backoff_doubles_then_resets_after_a_success():
     assert t.status == "granted" and sched.models["a"].failures == 0
 
 
+def test_a_model_that_never_fits_does_not_hold_up_the_next_one():
+    sched, fx, _ = make({"huge": {"memory_gb": 20}, "a": {"memory_gb": 6},
+                         "b": {"memory_gb": 6}}, budget=10)
+    ta = sched.submit("a")
+    ready(sched, "a")
+    sched.finish(ta)
+    sched.submit("b")  # a is idle: it is stopped for b
+    stopped(sched, "a")
+    sched.submit("huge")  # both wait for b's start to finish: huge first, then a
+    ta2 = sched.submit("a")
+    ready(sched, "b")
+    assert fx.rejected and fx.rejected[0][1].code == "insufficient_memory"
+    assert sched.models["b"].leaving, "a plans its room at once: huge does not block it"
+    assert ta2.status == "waiting"
+
+
 def test_model_larger_than_budget_is_refused_with_the_numbers():
     sched, fx, _ = make({"huge": {"memory_gb": 20}}, budget=10)
     sched.submit("huge")

@@ -347,17 +347,19 @@ class Scheduler:
         for s in was_evicting:
             s.evicting = None
         target = self._next_start(now)
-        if target is not None:
+        while target is not None:
             victims = plan(target.model.memory_gb, target.model.cfg.exclusive,
                            self._residents_view(), self.budget_gb)
-            if victims is None:
+            if victims is None:  # can never fit: refuse it and let the next one plan
                 self._refuse_never_fits(target)
-            else:
-                for vid in victims:
-                    self.residents[vid].evicting = target.id
-                    self._stop_if_drained(self.residents[vid])
-                if not victims and self._free_gb() >= target.model.memory_gb - 1e-9:
-                    self._start(target, now)
+                target = self._next_start(now)
+                continue
+            for vid in victims:
+                self.residents[vid].evicting = target.id
+                self._stop_if_drained(self.residents[vid])
+            if not victims and self._free_gb() >= target.model.memory_gb - 1e-9:
+                self._start(target, now)
+            break
         # A model whose eviction is called off serves its queued requests again.
         for s in was_evicting:
             if s.state is State.READY and not s.leaving:
