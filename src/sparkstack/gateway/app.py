@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -62,7 +63,7 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
     app[CONFIG] = config
     app[STARTED] = time.time()
 
-    async def client_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CLIENT] = new_client_session()
         yield
         await app[CLIENT].close()
