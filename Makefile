@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CONFIG ?=
 ARGS ?=
+SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 
 .PHONY: install run test lint bench system-deps clean
 
@@ -16,10 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## run: install and serve (the CPU demo catalog unless ARGS='--config FILE')
+## run: install, prepare and serve (the CPU demo catalog unless CONFIG=FILE; ARGS go to serve)
 run: install
-	$(BIN)/sparkstack setup $(ARGS)
-	$(BIN)/sparkstack serve $(ARGS)
+	$(BIN)/sparkstack setup $(SOURCE)
+	$(BIN)/sparkstack serve $(SOURCE) $(ARGS)
 
 ## test: system packages (as root), lint, then the whole suite
 test: system-deps install
