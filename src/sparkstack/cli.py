@@ -86,7 +86,7 @@ def serve(
         # Plain prints: the curl line must stay one line to paste, whatever the terminal.
         enabled = [m for m in cfg.models.values() if m.enabled]
         example = enabled[0].id if enabled else "MODEL"
-        body = json.dumps({"model": example,
+        body = json.dumps({"model": example, "max_tokens": 64,
                            "messages": [{"role": "user", "content": "Hello!"}]})
         print(f"sparkstack serving {len(enabled)} models from {cfg.source}\n"
               f"  endpoint: {info.url}/v1\n"
