@@ -89,6 +89,7 @@ class Supervisor:
         self._http: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
         self._watchers = 0
+        self._closed = False
 
     async def __aenter__(self) -> Supervisor:
         # Health probes get their own small session: they must never queue behind traffic.
@@ -100,7 +101,8 @@ class Supervisor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown(0)
+        if not self._closed:  # an error before the orderly shutdown: stop engines now
+            await self.shutdown(0)
 
     # ------------------------------------------------------------ for the gateway
 
@@ -148,6 +150,7 @@ class Supervisor:
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new work, let in-flight requests finish (bounded), stop every engine."""
+        self._closed = True
         self.scheduler.shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
