@@ -181,3 +181,17 @@ def test_check_lists_the_images_a_host_is_missing(docker_image, tmp_path):
         assert f"docker build -t {image}" in out
     assert "missing cl100k_base.tiktoken, o200k_base.tiktoken" in out
     assert "run: sparkstack setup" in out
+
+
+async def test_container_crash_while_serving_is_noticed_and_restarts(
+        start_gateway, tmp_path, docker):
+    gw = await start_gateway(docker_model("dk", tmp_path, "--crash-after", "1", "--tokens", "10",
+                                          "--rate", "50"))
+    assert (await gw.chat("dk"))[0] == 200
+    first = await info(docker, "dk")
+    lines = await gw.stream("dk")
+    assert "engine_died" in lines[-1], "the stream ends with an error event"
+    await gw.until_state("dk", State.STOPPED, timeout=5)
+    assert "code 3" in (gw.state("dk").last_error or "")
+    assert (await gw.chat("dk"))[0] == 200, "the next request starts it again"
+    assert (await info(docker, "dk"))["Id"] == first["Id"]
