@@ -83,7 +83,6 @@ class Supervisor:
         self.logs = {mid: LogBuffer(data_dir / "logs" / f"{mid}.log") for mid in config.models}
         self.runs: dict[str, EngineRun] = {}
         self.ports: dict[str, int] = {}
-        self.listeners: set[Callable[[str], None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -219,8 +218,6 @@ class Supervisor:
         if self._watchers:  # called twice per request: free when nobody watches
             self._changed.set()
             self._changed = asyncio.Event()
-        for listener in list(self.listeners):
-            listener(model_id)
 
     def wake_at(self, when: float | None) -> None:
         # Lazy: keep an earlier timer; when it fires, tick() re-arms for the real deadline.

@@ -22,6 +22,9 @@ HOP_BY_HOP = frozenset({
     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
+# The engine went away after its status line: the response is cut mid-body.
+ENGINE_BROKE = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError)
 WHOLE_BODY_MAX = 1 << 20  # responses up to this size with a length are sent in one piece
 
 
@@ -97,8 +100,7 @@ async def relay(
             try:
                 async for chunk in up.content.iter_any():
                     await resp.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError) as e:
+            except ENGINE_BROKE as e:
                 await _end_broken(request, resp, up, model_id, e)
                 return resp
             await resp.write_eof()
@@ -128,8 +130,7 @@ async def _continue_stream(
     try:
         async for chunk in up.content.iter_any():
             await resp.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError) as e:
+    except ENGINE_BROKE as e:
         await resp.write(sse_event(_died(model_id, e).body()))
     await resp.write_eof()
     return resp

@@ -5,7 +5,7 @@ A pure function of its inputs, so every case is a one-line unit test.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +44,7 @@ class Resident:
 
 
 def plan(
-    memory_gb: float, exclusive: bool, residents: Sequence[ResidentLike], budget_gb: float
+    memory_gb: float, exclusive: bool, residents: Collection[ResidentLike], budget_gb: float
 ) -> list[str] | None:
     """Ids of the residents to stop so a model of `memory_gb` fits; None if it never can.
 

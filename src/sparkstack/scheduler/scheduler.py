@@ -349,7 +349,7 @@ class Scheduler:
         target = self._next_start(now)
         while target is not None:
             victims = plan(target.model.memory_gb, target.model.cfg.exclusive,
-                           self._residents_view(), self.budget_gb)
+                           self.residents.values(), self.budget_gb)
             if victims is None:  # can never fit: refuse it and let the next one plan
                 self._refuse_never_fits(target)
                 target = self._next_start(now)
@@ -386,7 +386,7 @@ class Scheduler:
     def _start_pinned(self, now: float) -> None:
         for s in self.pinned:
             if s.state is State.STOPPED and s.retry_at <= now:
-                victims = plan(s.model.memory_gb, False, self._residents_view(), self.budget_gb)
+                victims = plan(s.model.memory_gb, False, self.residents.values(), self.budget_gb)
                 if victims == [] and self._free_gb() >= s.model.memory_gb - 1e-9:
                     self._start(s, now)
                     return
@@ -465,9 +465,6 @@ class Scheduler:
             return math.inf
         return s.last_used + s.model.ttl
 
-    def _residents_view(self) -> list[ModelState]:
-        return list(self.residents.values())
-
     def _free_gb(self) -> float:
         return self.budget_gb - sum(s.model.memory_gb for s in self.residents.values())
 
@@ -475,7 +472,7 @@ class Scheduler:
         """Busy models this request would wait for before its model can start."""
         if s.state is State.READY:
             return [s] if s.active else []
-        victims = plan(s.model.memory_gb, s.model.cfg.exclusive, self._residents_view(),
+        victims = plan(s.model.memory_gb, s.model.cfg.exclusive, self.residents.values(),
                        self.budget_gb) or []
         leaving = [r.id for r in self.residents.values() if r.leaving]
         return [self.residents[v] for v in dict.fromkeys(victims + leaving)
