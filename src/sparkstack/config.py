@@ -107,6 +107,32 @@ class ApiKey(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["*"])
 
 
+TAGS = ("chat", "coder", "vision", "ocr", "reasoning", "embeddings", "utility")
+
+
+class Requires(BaseModel):
+    """What a model needs on the host beyond its own image; `sparkstack check` verifies it."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: list[str] = Field(default_factory=list)  # further images that must be present
+    files: list[str] = Field(default_factory=list)  # host paths (globs allowed)
+    min_driver: str | None = None  # lowest NVIDIA driver version, e.g. "580.65"
+
+    @field_validator("image", "files", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("min_driver", mode="before")
+    @classmethod
+    def _driver(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not re.fullmatch(r"\d+(\.\d+)*", v.strip()):
+            raise ValueError(f"min_driver {v!r} is not a driver version such as 580.65")
+        return v.strip() if isinstance(v, str) else v
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -144,6 +170,17 @@ class ModelConfig(BaseModel):
     ipc: str | None = None
     serve_style: Literal["vllm", "model-flag"] = "vllm"
     drop_page_cache: bool = False
+    requires: Requires = Field(default_factory=Requires)
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in TAGS]
+        if unknown:
+            raise ValueError(f"unknown tag(s) {', '.join(map(repr, unknown))} "
+                             f"(tags are: {', '.join(TAGS)})")
+        return v
 
     @field_validator("shm_size")
     @classmethod
