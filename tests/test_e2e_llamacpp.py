@@ -189,7 +189,7 @@ async def test_the_demo_catalog_serves_with_no_config(tmp_path, gguf):
     port = free_port()
     env = {"SPARKSTACK_DATA_DIR": str(tmp_path / "data"), "SPARKSTACK_API_KEY": KEY}
     config = load_config(builtin_catalog("demo-cpu"))
-    assert {"gemma-chat", "gemma-creative", "gemma-embed"} <= set(config.models)
+    assert {"smol-chat", "gemma", "gemma-embed"} <= set(config.models)
     proc, banner = await start_serving(None, port, env)
     try:
         curl = re.search(r"curl (\S+) -H 'Authorization: Bearer (\S+)' .* -d '(.*)'", banner)
@@ -200,7 +200,7 @@ async def test_the_demo_catalog_serves_with_no_config(tmp_path, gguf):
                                           "Content-Type": "application/json"}) as resp:
                 body = await resp.json()
         assert resp.status == 200, body
-        assert body["choices"][0]["message"]["content"]
+        assert body["model"] == "smol-chat" and body["choices"][0]["message"]["content"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0

