@@ -158,7 +158,7 @@ async def test_unreachable_docker_fails_closed_with_503(start_gateway, tmp_path,
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     gw = await start_gateway(docker_model("dk", tmp_path))
     status, body = await gw.chat("dk")
-    assert status == 503 and body["error"]["code"] == "docker_unavailable"
+    assert status == 503 and body["error"]["code"] == "runtime_unavailable"
     assert "Docker is not reachable" in body["error"]["message"]
     async with gw.http.get(gw.url + "/healthz") as resp:
         assert resp.status == 200

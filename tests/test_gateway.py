@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -24,10 +25,12 @@ def two_models(tmp_path: Path, *extra: object, ttl: str = "20m") -> tuple[str, P
       memory_gb: 6
       ttl: {ttl}
       aliases: [alpha]
+      capabilities: [chat, completions, transcription]
     b:
       command: {fake("--served-name", "b-served", *extra, starts=sb)}
       memory_gb: 6
       served_name: b-served
+      capabilities: [chat, embeddings]
     """
     return yaml, sa, sb
 
@@ -183,7 +186,14 @@ async def test_failed_start_reports_log_tail_and_leaves_nothing(start_gateway, t
     assert "CUDA error: out of memory" in body["error"]["message"]
     assert "exited with code 1" in body["error"]["message"]
     assert gw.state("f").state is State.STOPPED
-    status, _ = await gw.chat("f")  # retried after the back-off, not wedged
+    # The client's own retry during the back-off gets the same error at once: the
+    # broken engine is not started again for it.
+    status, body = await gw.chat("f")
+    assert status == 503 and body["error"]["code"] == "start_backoff"
+    assert "CUDA error: out of memory" in body["error"]["message"]
+    assert len(pids(starts)) == 1
+    await asyncio.sleep(max(0.0, gw.state("f").retry_at - time.monotonic()))
+    status, _ = await gw.chat("f")  # tried again after the back-off: not wedged
     assert status == 502 and len(pids(starts)) == 2
 
 
@@ -378,3 +388,15 @@ async def test_too_large_body_and_unknown_route(start_gateway, tmp_path):
         assert resp.status == 413 and "max_body_mb" in (await resp.json())["error"]["message"]
     async with gw.http.get(gw.url + "/nothing/here") as resp:
         assert resp.status == 404 and "no route" in (await resp.json())["error"]["message"]
+
+
+async def test_an_endpoint_the_model_does_not_serve_is_refused_without_loading_it(
+        start_gateway, tmp_path):
+    yaml, sa, _ = two_models(tmp_path)
+    gw = await start_gateway(yaml)
+    async with gw.http.post(gw.url + "/v1/embeddings",
+                            json={"model": "a", "input": "x"}) as resp:
+        body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "unsupported_endpoint"
+    assert "models that do: b" in body["error"]["message"]
+    assert gw.state("a").state is State.STOPPED and not pids(sa), "nothing was loaded"

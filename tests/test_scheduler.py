@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from sparkstack.config import load_config
-from sparkstack.errors import ApiError
+from sparkstack.gateway.refusals import to_api_error
 from sparkstack.scheduler import Resident, Scheduler, State, Ticket, plan
+from sparkstack.scheduler.refusal import Reason, Refusal
 
 
 class Clock:
@@ -29,7 +30,7 @@ class Recorder:
         self.started: list[str] = []
         self.stopped: list[tuple[str, str]] = []
         self.granted: list[Ticket] = []
-        self.rejected: list[tuple[Ticket, ApiError]] = []
+        self.rejected: list[tuple[Ticket, Refusal]] = []
         self.wakes: list[float] = []  # every "wake me by then" the scheduler asked for
 
     def start_engine(self, model_id: str) -> None:
@@ -41,8 +42,8 @@ class Recorder:
     def grant(self, ticket: Ticket) -> None:
         self.granted.append(ticket)
 
-    def reject(self, ticket: Ticket, error: ApiError) -> None:
-        self.rejected.append((ticket, error))
+    def reject(self, ticket: Ticket, refusal: Refusal) -> None:
+        self.rejected.append((ticket, refusal))
 
     def changed(self, model_id: str) -> None:
         pass
@@ -160,25 +161,30 @@ def test_engine_starts_are_serialised():
 def test_failed_start_answers_every_waiter_and_retries_after_backoff():
     sched, fx, clock = make({"a": {"memory_gb": 1}}, start_backoff=2)
     t1, t2 = sched.submit("a"), sched.submit("a")
-    sched.engine_failed("a", ApiError(502, "boom: last lines", "engine_failed"))
+    sched.engine_failed("a", Refusal(Reason.START_FAILED, "a", error="boom: last lines"))
     assert [t for t, _ in fx.rejected] == [t1, t2]
     assert sched.models["a"].state is State.STOPPED
     assert sched.models["a"].last_error == "boom: last lines"
-    sched.submit("a")
+    clock.t += 0.5
+    with pytest.raises(Refusal) as e:  # a client's own retry gets the error at once
+        sched.submit("a")
+    assert e.value.reason is Reason.BACKING_OFF and e.value.error == "boom: last lines"
+    assert e.value.retry_after == 1.5
     assert fx.started == ["a"], "no retry during the back-off"
-    assert clock.t + 2 in fx.wakes
-    clock.t += 2
-    sched.tick()
+    err = to_api_error(e.value)
+    assert err.status == 503 and err.headers["Retry-After"] == "2"
+    assert "boom: last lines" in err.message
+    clock.t += 1.5
+    sched.submit("a")
     assert fx.started == ["a", "a"]
 
 
 def test_backoff_doubles_then_resets_after_a_success():
     sched, _fx, clock = make({"a": {"memory_gb": 1}}, start_backoff=1)
     for expected in (1, 2, 4):
-        sched.submit("a")
         clock.t = max(clock.t, sched.models["a"].retry_at)
-        sched.tick()
-        sched.engine_failed("a", ApiError(502, "x"))
+        sched.submit("a")
+        sched.engine_failed("a", Refusal(Reason.START_FAILED, "a", error="x"))
         assert sched.models["a"].retry_at - clock.t == expected
     clock.t = sched.models["a"].retry_at
     t = sched.submit("a")
@@ -197,7 +203,7 @@ def test_a_model_that_never_fits_does_not_hold_up_the_next_one():
     sched.submit("huge")  # both wait for b's start to finish: huge first, then a
     ta2 = sched.submit("a")
     ready(sched, "b")
-    assert fx.rejected and fx.rejected[0][1].code == "insufficient_memory"
+    assert fx.rejected and fx.rejected[0][1].reason is Reason.NEVER_FITS
     assert sched.models["b"].leaving, "a plans its room at once: huge does not block it"
     assert ta2.status == "waiting"
 
@@ -205,7 +211,8 @@ def test_a_model_that_never_fits_does_not_hold_up_the_next_one():
 def test_model_larger_than_budget_is_refused_with_the_numbers():
     sched, fx, _ = make({"huge": {"memory_gb": 20}}, budget=10)
     sched.submit("huge")
-    (_, err), = fx.rejected
+    (_, refusal), = fx.rejected
+    err = to_api_error(refusal)
     assert err.status == 503 and "20 GB" in err.message and "10 GB" in err.message
     assert not fx.started
 
@@ -287,7 +294,9 @@ def test_queue_timeout_answers_429_with_retry_after():
     tb = sched.submit("b")
     clock.t += 30
     sched.tick()
-    (t, err), = fx.rejected
+    (t, refusal), = fx.rejected
+    assert refusal.reason is Reason.QUEUE_TIMEOUT and list(refusal.busy) == ["a"]
+    err = to_api_error(refusal)
     assert t is tb and err.status == 429 and "a" in err.message
     assert 1 <= int(err.headers["Retry-After"]) <= 60
     assert not sched.models["a"].leaving, "nobody waits for a any more"
@@ -296,12 +305,13 @@ def test_queue_timeout_answers_429_with_retry_after():
 def test_reject_policy_answers_429_at_once_naming_the_busy_model():
     sched, fx, clock, ta = swap_setup(busy_policy="reject")
     clock.t += 5
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Refusal) as e:
         sched.submit("b")
-    assert e.value.status == 429
-    assert e.value.headers["x-sparkstack-busy-models"] == "a"
-    assert e.value.headers["Retry-After"] == "10"  # 15 s typical request, 5 s already run
-    assert e.value.headers["retry-after-ms"] == "10000"
+    err = to_api_error(e.value)
+    assert err.status == 429
+    assert err.headers["x-sparkstack-busy-models"] == "a"
+    assert err.headers["Retry-After"] == "10"  # 15 s typical request, 5 s already run
+    assert err.headers["retry-after-ms"] == "10000"
     assert not sched.models["a"].leaving
     sched.finish(ta)
     sched.submit("b")  # a is idle now: the swap goes ahead
@@ -311,18 +321,19 @@ def test_reject_policy_answers_429_at_once_naming_the_busy_model():
 def test_retry_after_is_capped_at_60_seconds():
     sched, _fx, _clock, _ta = swap_setup(busy_policy="reject")
     sched.models["a"].avg_request_s = 3600
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Refusal) as e:
         sched.submit("b")
-    assert e.value.headers["Retry-After"] == "60"
+    assert to_api_error(e.value).headers["Retry-After"] == "60"
 
 
 def test_full_queue_is_refused():
     sched, _fx, _, _ = swap_setup(max_queue=2)
     sched.submit("b")
     sched.submit("b")
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Refusal) as e:
         sched.submit("b")
-    assert e.value.status == 429 and e.value.code == "queue_full"
+    err = to_api_error(e.value)
+    assert err.status == 429 and err.code == "queue_full"
 
 
 # ------------------------------------------------------------------ idle TTL
@@ -444,10 +455,10 @@ def test_shutdown_answers_waiters_and_refuses_new_requests():
     sched, fx, _ = make({"a": {"memory_gb": 1}})
     t = sched.submit("a")
     sched.shutdown()
-    assert fx.rejected[0][0] is t and fx.rejected[0][1].status == 503
-    with pytest.raises(ApiError) as e:
+    assert fx.rejected[0][0] is t and fx.rejected[0][1].reason is Reason.SHUTTING_DOWN
+    with pytest.raises(Refusal) as e:
         sched.submit("a")
-    assert e.value.status == 503
+    assert to_api_error(e.value).status == 503
 
 
 def test_waiter_that_leaves_does_not_start_the_model():

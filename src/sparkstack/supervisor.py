@@ -1,9 +1,9 @@
 """The supervisor carries out the scheduler's decisions against the runtimes.
 
-It implements the scheduler's `Effects`: it starts engines (polling their health while
-watching them exit), stops them, wakes requests that were granted or refused, and
-re-arms one timer for the scheduler's next deadline. Every fact it learns goes back to
-the scheduler as an event; it never decides anything itself.
+It implements the scheduler's `Effects`: it starts engine runs (`runtime/lifecycle.py`
+owns each one, from launch to exit), stops them, wakes requests that were granted or
+refused, and re-arms one timer for the scheduler's next deadline. Every fact it learns
+goes back to the scheduler as an event; it never decides anything itself.
 """
 
 from __future__ import annotations
@@ -11,49 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from .config import Config, Model
-from .engines import Upstream, launch_spec, new_key, upstream_for
-from .errors import ApiError
-from .runtime import Engine, LogBuffer, Runtime, StartError
+from .config import Config
+from .engines import Upstream, launch_spec, new_key
+from .runtime import LogBuffer, Runtime, StartError
 from .runtime.base import free_port, port_is_free
 from .runtime.docker import LABEL_HASH, DockerRuntime
+from .runtime.lifecycle import EngineRun, RunContext
 from .scheduler import ModelState, Scheduler, State, Ticket
-from .telemetry.memory import meminfo
+from .scheduler.refusal import Refusal
 
 log = logging.getLogger("sparkstack.supervisor")
-
-FIRST_POLL_S = 0.01
-MAX_POLL_S = 0.05  # the health poll backs off to this: at most ~50 ms added to a cold start
-LOG_TAIL_LINES = 20
-
-
-@dataclass(eq=False)
-class EngineRun:
-    """One start of one model's engine, from launch to exit."""
-
-    model_id: str
-    upstream: Upstream
-    key: str | None
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    engine: Engine | None = None
-    task: asyncio.Task[None] | None = None
-    stop_task: asyncio.Task[None] | None = None
-
-
-def drop_page_cache() -> None:
-    """Flush the page cache (root only): vLLM compares its memory fraction with what is
-    free *now*, and a previous model's weight files in the cache make it fail."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 class Supervisor:
@@ -93,6 +66,8 @@ class Supervisor:
     async def __aenter__(self) -> Supervisor:
         # Health probes get their own small session: they must never queue behind traffic.
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._ctx = RunContext(self.runtimes, self.scheduler, self._http, self.data_dir,
+                               self.check_free_memory)
         docker = self.runtimes.get("docker")
         if isinstance(docker, DockerRuntime):
             await self._adopt(docker)
@@ -187,31 +162,24 @@ class Supervisor:
         if port is None or not port_is_free(port):
             port = free_port(set(self.ports.values()))
         self.ports[model_id] = port
-        key = new_key(model)
-        run = EngineRun(model_id, upstream_for(model, port, key), key)
+        run = EngineRun(self._ctx, model, port, new_key(model), self.logs[model_id])
         self.runs[model_id] = run
-        run.task = asyncio.create_task(self._run(run), name=f"engine:{model_id}")
+        run.launch()
 
     def stop_engine(self, model_id: str, reason: str) -> None:
         run = self.runs.get(model_id)
-        if run is None:
-            return
-        log.info("stopping %s: %s", model_id, reason)
-        self.logs[model_id].write(f"----- sparkstack: stopping ({reason})")
-        run.stop_requested.set()
-        if run.engine is not None and run.stop_task is None:
-            grace = self.config.models[model_id].cfg.stop_timeout
-            run.stop_task = asyncio.create_task(run.engine.stop(grace))
+        if run is not None:
+            run.stop(reason)
 
     def grant(self, ticket: Ticket) -> None:
         fut = ticket.waiter
         if fut is not None and not fut.done():
             fut.set_result(self.runs[ticket.model].upstream)
 
-    def reject(self, ticket: Ticket, error: ApiError) -> None:
+    def reject(self, ticket: Ticket, refusal: Refusal) -> None:
         fut = ticket.waiter
         if fut is not None and not fut.done():
-            fut.set_exception(error)
+            fut.set_exception(refusal)
             fut.exception()  # whoever awaits still gets it; nobody else logs it
 
     def changed(self, model_id: str) -> None:
@@ -234,70 +202,7 @@ class Supervisor:
         self._timer = self._timer_at = None
         self.scheduler.tick()
 
-    # ------------------------------------------------------------ one engine run
-
-    async def _run(self, run: EngineRun) -> None:
-        mid = run.model_id
-        model = self.config.models[mid]
-        buf = self.logs[mid]
-        buf.begin_run(f"sparkstack: starting {mid} on port {self.ports[mid]}")
-        try:
-            runtime = self.runtimes.get(model.cfg.runtime)
-            if runtime is None:
-                raise StartError(f"runtime {model.cfg.runtime!r} is not available", 503)
-            await self._check_memory(model)
-            # In a thread: preparing weights (assembling a packaged GGUF) may take seconds.
-            spec = await asyncio.to_thread(
-                launch_spec, model, self.ports[mid], run.key, self.data_dir)
-            run.engine = await runtime.start(spec, buf)
-        except StartError as e:
-            buf.write(f"sparkstack: {e}")
-            self.scheduler.engine_failed(
-                mid, ApiError(e.status, f"model {mid!r} failed to start: {e}", e.code))
-            return
-        engine = run.engine
-        if engine.port != self.ports[mid] or engine.key != run.key:  # a re-used container
-            self.ports[mid] = engine.port
-            run.upstream = upstream_for(model, engine.port, engine.key)
-        exited = asyncio.create_task(engine.wait())
-        error = await self._wait_ready(run, exited, model.cfg.health_timeout)
-        if error is not None or run.stop_requested.is_set():
-            await engine.stop(model.cfg.stop_timeout)
-            await exited
-            if error is not None and not run.stop_requested.is_set():
-                error.message += self._tail(mid)
-                buf.write(f"sparkstack: start failed: {error.message.splitlines()[0]}")
-                self.scheduler.engine_failed(mid, error)
-            else:
-                self.scheduler.engine_exited(mid)
-            return
-        buf.write(f"sparkstack: {mid} is ready ({engine.description})")
-        self.scheduler.engine_ready(mid)
-        await self._serve_until_exit(run, exited)
-
-    async def _serve_until_exit(self, run: EngineRun, exited: asyncio.Task[int]) -> None:
-        """The one place a ready engine's exit is reported: asked for, or a crash."""
-        mid = run.model_id
-        code = await exited
-        if run.stop_task is not None:
-            await run.stop_task
-        crash = None
-        if not run.stop_requested.is_set():
-            crash = f"model {mid!r} engine exited with code {code} while serving" + self._tail(mid)
-            log.warning("%s", crash.splitlines()[0])
-        self.scheduler.engine_exited(mid, crash)
-
-    async def _check_memory(self, m: Model) -> None:
-        if m.cfg.drop_page_cache and os.geteuid() == 0:
-            await asyncio.to_thread(drop_page_cache)
-        if self.check_free_memory and m.memory_gb:
-            free = meminfo().available_gb
-            if free < m.memory_gb:
-                raise StartError(
-                    f"it needs {m.memory_gb:g} GB but only {free:.1f} GB are free now "
-                    "(MemAvailable); something outside sparkstack holds the memory"
-                    + ("" if m.cfg.drop_page_cache else ", or the page cache does: try "
-                       "drop_page_cache: true (as root)"), 503, "insufficient_memory")
+    # ------------------------------------------------------------ adoption
 
     async def _adopt(self, docker: DockerRuntime) -> None:
         """After a crash or a kept shutdown: take over running containers whose config
@@ -324,9 +229,8 @@ class Supervisor:
                 await docker.stop_container(m.container)
                 continue
             engine = docker.attach(m, self.logs[model.id])
-            run = EngineRun(model.id, upstream_for(model, engine.port, engine.key), engine.key)
-            run.engine = engine
-            if not await self._healthy(run.upstream.base_url + model.cfg.health, run.upstream):
+            run = EngineRun(self._ctx, model, engine.port, engine.key, self.logs[model.id])
+            if not await run.healthy():
                 log.info("stopping unhealthy container of %s", model.id)
                 await engine.stop(model.cfg.stop_timeout)
                 continue
@@ -334,46 +238,4 @@ class Supervisor:
             self.runs[model.id] = run
             self.logs[model.id].begin_run(f"sparkstack: adopted running {engine.description}")
             self.scheduler.adopt(model.id)
-            run.task = asyncio.create_task(
-                self._serve_until_exit(run, asyncio.create_task(engine.wait())))
-
-    async def _wait_ready(
-        self, run: EngineRun, exited: asyncio.Task[int], timeout: float
-    ) -> ApiError | None:
-        """Poll health (first poll at once, backing off to 50 ms) until ready, exit or timeout."""
-        mid = run.model_id
-        url = run.upstream.base_url + self.config.models[mid].cfg.health
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = FIRST_POLL_S
-        stop = asyncio.create_task(run.stop_requested.wait())
-        try:
-            while True:
-                if exited.done():
-                    return ApiError(
-                        502, f"model {mid!r} engine exited with code {exited.result()} "
-                        "while starting", "engine_failed")
-                if stop.done() or await self._healthy(url, run.upstream):
-                    return None
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return ApiError(
-                        504, f"model {mid!r} did not become healthy within "
-                        f"{timeout:g} s (health_timeout)", "start_timeout")
-                await asyncio.wait({exited, stop}, timeout=min(delay, remaining))
-                delay = min(delay * 2, MAX_POLL_S)
-        finally:
-            stop.cancel()
-
-    async def _healthy(self, url: str, upstream: Upstream) -> bool:
-        assert self._http is not None
-        try:
-            async with self._http.get(url, headers=upstream.headers) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
-
-    def _tail(self, model_id: str) -> str:
-        lines = [ln for ln in self.logs[model_id].tail(LOG_TAIL_LINES + 5)
-                 if not ln.startswith("-----")][-LOG_TAIL_LINES:]
-        return ". Last log lines:\n" + "\n".join(lines) if lines else ""
+            run.adopt(engine)

@@ -20,10 +20,12 @@ from aiohttp import web
 from ..config import Config, Model
 from ..errors import ApiError
 from ..scheduler import ModelState, State
+from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
 from .auth import Caller, Keyring
 from .proxy import new_client_session, open_event_stream, relay, sse_event
-from .routing import MODEL_ENDPOINTS, parse_body, split_path_form
+from .refusals import to_api_error
+from .routing import ENDPOINT_CAPABILITY, MODEL_ENDPOINTS, parse_body, split_path_form
 
 log = logging.getLogger("sparkstack.gateway")
 
@@ -39,6 +41,9 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
     """Every error leaves in the OpenAI shape, whatever raised it."""
     try:
         return await handler(request)
+    except Refusal as r:
+        e = to_api_error(r)
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
     except ApiError as e:
         return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
@@ -117,6 +122,7 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
     if not model.enabled:
         raise ApiError(400, f"model {model.id!r} is disabled"
                        + (f": {model.cfg.notes}" if model.cfg.notes else ""), "model_disabled")
+    _require_capability(request.app[CONFIG], model, endpoint)
     body = req.with_model(model.served_name)
     supervisor = request.app[SUPERVISOR]
     ticket = supervisor.submit(model.id)
@@ -135,6 +141,19 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
         supervisor.finish(ticket)
 
 
+def _require_capability(config: Config, model: Model, endpoint: str) -> None:
+    needed = ENDPOINT_CAPABILITY.get(endpoint)
+    if needed is None or needed in model.cfg.capabilities:
+        return
+    others = [m.id for m in config.models.values()
+              if m.enabled and needed in m.cfg.capabilities]
+    raise ApiError(
+        400, f"model {model.id!r} does not serve {endpoint} (its capabilities: "
+        f"{', '.join(model.cfg.capabilities) or 'none'})"
+        + (f"; models that do: {', '.join(others[:5])}" if others else ""),
+        "unsupported_endpoint")
+
+
 async def _wait_streaming(
     request: web.Request, resp: web.StreamResponse, fut: asyncio.Future[Any], model_id: str
 ) -> Any:
@@ -151,8 +170,8 @@ async def _wait_streaming(
         await resp.write(f": loading {model_id} {loop.time() - began:.0f}s\n\n".encode())
     try:
         return fut.result()
-    except ApiError as e:
-        await resp.write(sse_event(e.body()))
+    except Refusal as r:
+        await resp.write(sse_event(to_api_error(r).body()))
         await resp.write_eof()
         return None
 

@@ -31,6 +31,22 @@ MODEL_ENDPOINTS = (
     "/tokenize",
     "/detokenize",
 )
+# What a model must declare in `capabilities` to be sent each endpoint (none: any model).
+# Checked before a ticket is taken, so a request no engine of that model can serve
+# never loads it.
+ENDPOINT_CAPABILITY = {
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/messages": "chat",
+    "/v1/messages/count_tokens": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
+    "/v2/rerank": "rerank",
+    "/v1/score": "rerank",
+    "/v1/audio/transcriptions": "transcription",
+    "/v1/audio/translations": "transcription",
+}
 _PATH_FORM_SUFFIXES = (
     *(e.removeprefix("/v1/") for e in MODEL_ENDPOINTS if e.startswith("/v1/")),
     "tokenize",

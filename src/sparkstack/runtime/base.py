@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections import deque
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import Model
+from ..scheduler.refusal import Reason
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
@@ -19,10 +21,24 @@ LOG_ROTATE_BYTES = 10 * 1024 * 1024
 class StartError(Exception):
     """The engine could not be launched at all (bad command, missing image...)."""
 
-    def __init__(self, message: str, status: int = 502, code: str = "engine_failed"):
+    def __init__(self, message: str, reason: Reason = Reason.START_FAILED):
         super().__init__(message)
-        self.status = status
-        self.code = code
+        self.reason = reason
+
+
+def describe_exit(code: int) -> str:
+    """`exited with code 1`, `was killed by SIGILL (illegal instruction)`; a container's
+    128+N is the signal N that killed its main process."""
+    sig = -code if code < 0 else code - 128 if 128 < code < 160 else 0
+    if not sig:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        return f"exited with code {code}"
+    what = signal.strsignal(sig) or ""
+    where = f" (exit code {code})" if code > 0 else ""
+    return f"was killed by {name} ({what.lower()}){where}"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import aiodocker
 import aiohttp
 
 from ..config import Model, parse_size
+from ..scheduler.refusal import Reason
 from .base import LaunchSpec, LogBuffer, StartError, port_is_free
 
 log = logging.getLogger("sparkstack.docker")
@@ -44,7 +45,7 @@ def docker_host() -> str:
 
 def unavailable(e: BaseException) -> StartError:
     return StartError(f"Docker is not reachable at {docker_host()} ({e}); start the Docker "
-                      "daemon or set DOCKER_HOST", 503, "docker_unavailable")
+                      "daemon or set DOCKER_HOST", Reason.RUNTIME_UNAVAILABLE)
 
 
 def resolve_volume(spec: str, base_dir: Path) -> str:
