@@ -166,3 +166,33 @@ models:
         assert second.stdout.count("already present") == 2
     finally:
         await runner.cleanup()
+
+
+def sigill_engine(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A catalog whose llama.cpp binary dies of SIGILL, as a build for another CPU does."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    binary = bindir / "llama-server"
+    binary.write_text("#!/bin/sh\necho 'load_tensors: repacking'\nkill -ILL $$\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    config = write_config(tmp_path, """
+    m:
+      engine: llamacpp
+      weights: model.gguf
+      memory_gb: 1
+    """)
+    return config, {"PATH": f"{bindir}:{os.environ['PATH']}",
+                    "SPARKSTACK_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_check_and_setup_refuse_an_engine_that_cannot_run(tmp_path):
+    config, env = sigill_engine(tmp_path)
+    result = run_cli("check", "--config", str(config), "--listen", f"127.0.0.1:{free_port()}",
+                     env=env)
+    assert result.returncode == 1, result.stdout
+    assert "cannot run here: it was killed by SIGILL (illegal instruction)" in result.stdout
+    assert "load_tensors: repacking" in result.stdout, "its last log line is shown"
+    assert "make install" in result.stdout
+    result = run_cli("setup", "--config", str(config), env=env)
+    assert result.returncode == 1 and "SIGILL" in result.stderr

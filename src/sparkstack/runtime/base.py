@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -110,13 +110,16 @@ def free_port(avoid: Set[int] = frozenset()) -> int:
 class LogBuffer:
     """The last lines an engine printed, mirrored to a per-model log file.
 
-    Followers (the logs API in follow mode) get each new line through a queue.
+    Followers (the logs API in follow mode) read new lines through `follow()`, each
+    from a bounded queue: a reader that does not keep up loses the oldest lines, never
+    holds memory without bound.
     """
 
     path: Path | None = None
     max_lines: int = 2000
     lines: deque[str] = field(init=False)
     followers: set[asyncio.Queue[str]] = field(default_factory=set)
+    follow_backlog: int = 1000
 
     def __post_init__(self) -> None:
         self.lines = deque(maxlen=self.max_lines)
@@ -140,7 +143,19 @@ class LogBuffer:
         if self._file is not None:
             self._file.write(line + "\n")
         for q in self.followers:
+            if q.full():
+                q.get_nowait()
             q.put_nowait(line)
+
+    async def follow(self) -> AsyncIterator[str]:
+        """Every line written from now on, until the caller stops iterating."""
+        queue: asyncio.Queue[str] = asyncio.Queue(self.follow_backlog)
+        self.followers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.followers.discard(queue)
 
     def tail(self, n: int = 20) -> list[str]:
         return list(self.lines)[-n:]
