@@ -45,6 +45,7 @@ class State:
     active_streams: int = 0
     completed_streams: int = 0
     cancelled_streams: int = 0
+    last_body: dict[str, Any] | None = None  # the last completion request, as received
     pid: int = field(default_factory=os.getpid)
 
     def is_ready(self) -> bool:
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-delay", type=float, default=0.0, help="sleep before binding")
     p.add_argument("--ready-delay", type=float, default=0.0, help="/health 503 for this long")
     p.add_argument("--never-ready", action="store_true", help="/health always 503")
+    p.add_argument("--wait-signal", action="store_true",
+                   help="keep loading (port closed) until SIGUSR1 arrives")
     p.add_argument("--exit-at-start", type=int, default=None, metavar="CODE")
     p.add_argument("--tokens", type=int, default=5, help="tokens per completion")
     p.add_argument("--rate", type=float, default=0.0, help="tokens/s (0 = unpaced)")
@@ -165,6 +168,7 @@ async def handle_stats(request: web.Request) -> web.Response:
             "completed_streams": s.completed_streams,
             "cancelled_streams": s.cancelled_streams,
             "requests": s.requests,
+            "last_body": s.last_body,
             "pid": s.pid,
         },
     )
@@ -184,6 +188,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     if body is None:
         return error_reply(request, 400, "body must be a JSON object", "invalid_request_error")
     state.completions += 1
+    state.last_body = body
     will_crash = args.crash_after is not None and state.completions > args.crash_after
 
     chat = request.path.endswith("/chat/completions")
@@ -381,6 +386,19 @@ async def serve(args: argparse.Namespace) -> int:
     if not args.ignore_sigterm:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    if args.wait_signal:  # "loading" until the test says so: port closed, SIGTERM works
+        released = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, released.set)
+        if _RELEASED:
+            released.set()
+        waits = {asyncio.ensure_future(released.wait()), asyncio.ensure_future(stop.wait())}
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if stop.is_set():
+            log("fake engine stopping")
+            return 0
+
     if args.start_delay > 0:  # "loading": port closed, but SIGTERM still works
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.start_delay)
@@ -402,9 +420,14 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_RELEASED: list[int] = []  # SIGUSR1 seen before the event loop took the signal over
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pid = os.getpid()
+    if args.wait_signal:  # before the pid is published: a signal must never kill us
+        signal.signal(signal.SIGUSR1, lambda *_: _RELEASED.append(1))
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.starts_file:

@@ -107,6 +107,54 @@ class ApiKey(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["*"])
 
 
+# Browsers and editor webviews that may call the gateway (SPEC 9): localhost on any port,
+# and VS Code-based editors' webviews (Cline, Continue).
+DEFAULT_CORS_ORIGINS = (
+    "http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
+    "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*",
+    "vscode-webview://*", "vscode-file://*",
+)
+# Fields shaping may never strip: without them there is no request.
+_UNSTRIPPABLE = frozenset({"model", "messages", "prompt", "input"})
+
+
+class ReasoningShaping(BaseModel):
+    """How a model's thinking is switched (request shaping, docs/configuration.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # chat_template_kwargs keys that turn thinking on or off (Qwen3: enable_thinking).
+    kwargs: list[str] = Field(default_factory=lambda: ["enable_thinking"])
+    # Thinking when the request does not say; None leaves the template's own default.
+    default: bool | None = None
+    # switch: `reasoning_effort` only turns thinking on (any effort) or off (`none`) and
+    # is removed; pass: the engine understands `reasoning_effort` itself (gpt-oss).
+    effort: Literal["switch", "pass"] = "switch"
+
+
+class Shaping(BaseModel):
+    """Per-model request shaping: what clients send, made into what the engine accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+    context_fit: bool = True
+    context_length: int | None = Field(default=None, gt=0)
+    exact_count: bool = True
+    tools: Literal["none", "auto", "required"] | None = None
+    merge_system: bool = False
+    merge_consecutive: bool = False
+    flatten_content: bool | None = None
+    reasoning: ReasoningShaping | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    strip: list[str] = Field(default_factory=list)
+
+    @field_validator("strip")
+    @classmethod
+    def _strippable(cls, v: list[str]) -> list[str]:
+        bad = sorted(_UNSTRIPPABLE.intersection(v))
+        if bad:
+            raise ValueError(f"cannot strip {', '.join(bad)}: a request needs it")
+        return v
+
+
 TAGS = ("chat", "coder", "vision", "ocr", "reasoning", "embeddings", "utility")
 
 
@@ -170,6 +218,9 @@ class ModelConfig(BaseModel):
     ipc: str | None = None
     serve_style: Literal["vllm", "model-flag"] = "vllm"
     drop_page_cache: bool = False
+    shaping: Shaping = Field(default_factory=Shaping)
+    context_fallback: str | None = None  # a model with a longer context serves long prompts
+    early_headers: bool | None = None  # global early_headers unless set
     requires: Requires = Field(default_factory=Requires)
     tags: list[str] = Field(default_factory=list)
 
@@ -249,6 +300,8 @@ class Settings(BaseModel):
     shutdown_timeout: Duration = 30.0
     keepalive_interval: Duration = 5.0
     max_body_mb: float = Field(default=100.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
+    early_headers: bool = False
     data_dir: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
@@ -256,6 +309,15 @@ class Settings(BaseModel):
     @classmethod
     def _model_ids(cls, v: Any) -> Any:
         return {str(k): m for k, m in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and "://" not in origin:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], a port "
+                                 "of '*' for any, or '*' for every origin)")
+        return v
 
     @field_validator("listen")
     @classmethod
@@ -417,6 +479,29 @@ def _cross_field_problems(source: str, models: Any) -> list[str]:
     return problems
 
 
+def _fallback_problems(source: str, models: dict[str, Model], aliases: dict[str, str]
+                       ) -> list[str]:
+    """A `context_fallback` names another model whose context is longer than this one's."""
+    problems = []
+    for m in models.values():
+        name = m.cfg.context_fallback
+        if name is None:
+            continue
+        where = f"{source}: model {m.id!r}, field 'context_fallback'"
+        target = models.get(name) or models.get(aliases.get(name, ""))
+        if target is None:
+            problems.append(f"{where}: {name!r} is not a model of this catalog")
+        elif target.id == m.id:
+            problems.append(f"{where}: a model cannot be its own fallback")
+        elif not (m.cfg.max_model_len and target.cfg.max_model_len):
+            problems.append(f"{where}: both models need 'max_model_len' to compare contexts")
+        elif target.cfg.max_model_len <= m.cfg.max_model_len:
+            problems.append(
+                f"{where}: {target.id!r} has a context of {target.cfg.max_model_len} tokens, "
+                f"not longer than this model's {m.cfg.max_model_len}")
+    return problems
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -499,6 +584,7 @@ def load_config(
                 )
             elif alias != model_id:
                 aliases[alias] = model_id
+    problems += _fallback_problems(source, models, aliases)
     if isinstance(settings.memory_gb, float | int):
         for m in models.values():
             if m.memory_gb > settings.memory_gb:

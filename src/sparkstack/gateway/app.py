@@ -22,10 +22,17 @@ from ..errors import ApiError
 from ..scheduler import ModelState, State
 from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
+from . import shaping
 from .auth import Caller, Keyring
 from .proxy import new_client_session, open_event_stream, relay, sse_event
 from .refusals import to_api_error
-from .routing import ENDPOINT_CAPABILITY, MODEL_ENDPOINTS, parse_body, split_path_form
+from .routing import (
+    ENDPOINT_CAPABILITY,
+    MODEL_ENDPOINTS,
+    ModelRequest,
+    parse_body,
+    split_path_form,
+)
 
 log = logging.getLogger("sparkstack.gateway")
 
@@ -34,6 +41,9 @@ KEYS = web.AppKey("keys", Keyring)
 CONFIG = web.AppKey("config", Config)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
+# Headers every response to a request carries, streamed ones included (set before the
+# status line goes out, by `_extra_headers`).
+EXTRA_HEADERS = web.RequestKey("extra_headers", dict[str, str])
 
 
 @web.middleware
@@ -74,6 +84,7 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
         await app[CLIENT].close()
 
     app.cleanup_ctx.append(client_ctx)
+    app.on_response_prepare.append(_extra_headers)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/v1/models", list_models)
@@ -123,6 +134,8 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
         raise ApiError(400, f"model {model.id!r} is disabled"
                        + (f": {model.cfg.notes}" if model.cfg.notes else ""), "model_disabled")
     _require_capability(request.app[CONFIG], model, endpoint)
+    if req.payload is not None:
+        model = await _shape(request, caller, req, endpoint, model)
     body = req.with_model(model.served_name)
     supervisor = request.app[SUPERVISOR]
     ticket = supervisor.submit(model.id)
@@ -139,6 +152,34 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
                            model.id, opened)
     finally:
         supervisor.finish(ticket)
+
+
+async def _shape(request: web.Request, caller: Caller, req: ModelRequest, endpoint: str,
+                 model: Model) -> Model:
+    """Request shaping (gateway/shaping.py) before a ticket is taken, so a request the
+    model cannot serve never loads it. Returns the model that serves the request: the one
+    asked for, or its context fallback."""
+    assert req.payload is not None
+    prepared = await shaping.prepare(
+        req.payload, model, endpoint, resolve=request.app[CONFIG].resolve,
+        upstream=request.app[SUPERVISOR].upstream, session=request.app[CLIENT],
+        may_use=lambda m: caller.models is None or m.id in caller.models)
+    if prepared.body is not None:
+        req.replace_payload(prepared.body)
+    headers = {}
+    if prepared.applied:
+        headers["x-sparkstack-shaped"] = ",".join(prepared.applied)
+    if prepared.model is not model:
+        headers["x-sparkstack-served-by"] = prepared.model.id
+    if headers:
+        request[EXTRA_HEADERS] = headers
+    return prepared.model
+
+
+async def _extra_headers(request: web.Request, response: web.StreamResponse) -> None:
+    extra = request.get(EXTRA_HEADERS)
+    if extra:
+        response.headers.update(extra)
 
 
 def _require_capability(config: Config, model: Model, endpoint: str) -> None:

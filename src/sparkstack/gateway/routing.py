@@ -61,14 +61,19 @@ class ModelRequest:
     payload: dict[str, Any] | None  # the JSON body, when it is JSON
     body: bytes
     multipart_boundary: bytes | None = None
+    reshaped: bool = False  # request shaping replaced the payload: re-encode it
 
     @property
     def streaming(self) -> bool:
         return bool(self.payload and self.payload.get("stream") is True)
 
+    def replace_payload(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        self.reshaped = True
+
     def with_model(self, served_name: str) -> bytes:
         """The body with `model` set to what the engine serves (unchanged if it already is)."""
-        if self.name == served_name:
+        if self.name == served_name and not self.reshaped:
             return self.body
         if self.payload is not None:
             self.payload["model"] = served_name
