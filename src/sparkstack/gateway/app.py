@@ -22,7 +22,7 @@ from ..errors import ApiError
 from ..scheduler import ModelState, State
 from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
-from . import shaping
+from . import cors, shaping
 from .auth import Caller, Keyring
 from .proxy import new_client_session, open_event_stream, relay, sse_event
 from .refusals import to_api_error
@@ -85,6 +85,7 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
 
     app.cleanup_ctx.append(client_ctx)
     app.on_response_prepare.append(_extra_headers)
+    cors.install(app, config.settings.cors_origins)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/v1/models", list_models)
