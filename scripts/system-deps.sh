@@ -12,6 +12,7 @@ missing=()
 need_pkg nginx nginx
 need_pkg wrk wrk
 need_pkg dockerd docker.io
+need_pkg npm npm  # the Node clients of tests/node (nodejs comes with it)
 root=false
 [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && root=true
 

@@ -24,7 +24,14 @@ from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
 from . import cors, shaping
 from .auth import Caller, Keyring
-from .proxy import new_client_session, open_event_stream, relay, sse_event
+from .proxy import (
+    end_in_band,
+    new_client_session,
+    open_event_stream,
+    open_json_early,
+    relay,
+    sse_event,
+)
 from .refusals import to_api_error
 from .routing import (
     ENDPOINT_CAPABILITY,
@@ -147,6 +154,12 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
             upstream = await _wait_streaming(request, opened, ticket.waiter, model.id)
             if upstream is None:
                 return opened
+        elif not ticket.waiter.done() and req.payload is not None and _early_headers(
+                request.app[CONFIG], model):
+            opened = await open_json_early(request)
+            upstream = await _wait_early(request, opened, ticket.waiter)
+            if upstream is None:
+                return opened
         else:
             upstream = await supervisor.wait(ticket)
         return await relay(request, request.app[CLIENT], upstream, endpoint, body,
@@ -215,6 +228,25 @@ async def _wait_streaming(
     except Refusal as r:
         await resp.write(sse_event(to_api_error(r).body()))
         await resp.write_eof()
+        return None
+
+
+def _early_headers(config: Config, model: Model) -> bool:
+    own = model.cfg.early_headers
+    return config.settings.early_headers if own is None else own
+
+
+async def _wait_early(request: web.Request, resp: web.StreamResponse,
+                      fut: asyncio.Future[Any]) -> Any:
+    """Wait for the grant behind early headers, sending a space every keepalive_interval
+    (JSON allows leading whitespace). A refusal becomes the body: an OpenAI error object."""
+    interval = request.app[CONFIG].settings.keepalive_interval
+    while not (await asyncio.wait({fut}, timeout=interval))[0]:
+        await resp.write(b" ")
+    try:
+        return fut.result()
+    except Refusal as r:
+        await end_in_band(resp, to_api_error(r))
         return None
 
 

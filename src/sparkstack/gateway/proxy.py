@@ -65,6 +65,33 @@ async def open_event_stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def open_json_early(request: web.Request) -> web.StreamResponse:
+    """Commit `200 application/json` now for a non-streamed request waiting for its model
+    (`early_headers`): a client whose header timeout is shorter than the load keeps
+    waiting. JSON allows leading whitespace, so spaces can keep the connection busy until
+    the body follows. The price: an error from here on arrives with status 200."""
+    resp = web.StreamResponse(headers={
+        "Content-Type": "application/json", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await resp.prepare(request)
+    return resp
+
+
+def _early_json(resp: web.StreamResponse) -> bool:
+    return resp.content_type == "application/json"
+
+
+async def end_in_band(resp: web.StreamResponse, error: ApiError) -> None:
+    """An error after the status line went out: an error event on an event stream, the
+    OpenAI error object as the body of an early-headers JSON answer."""
+    if _early_json(resp):
+        await resp.write(json.dumps(error.body(), ensure_ascii=False).encode())
+    else:
+        await resp.write(sse_event(error.body()))
+    await resp.write_eof()
+
+
 async def relay(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -76,9 +103,10 @@ async def relay(
 ) -> web.StreamResponse:
     """Send the request to the engine and relay its answer.
 
-    `opened` is an event stream already committed to the client (keep-alives while the
-    model loaded): the engine's chunks continue it, and an engine error becomes an error
-    event, since the status line has been sent.
+    `opened` is a response already committed to the client (keep-alives while the model
+    loaded): an event stream, or an early-headers JSON answer. The engine's answer
+    continues it, and an engine error becomes an error in the body, since the status line
+    has been sent.
     """
     url = upstream.base_url + path
     if request.query_string:
@@ -87,6 +115,8 @@ async def relay(
         async with session.request(
             request.method, url, data=body, headers=upstream_headers(request, upstream)
         ) as up:
+            if opened is not None and _early_json(opened):
+                return await _continue_json(opened, up, model_id)
             if opened is not None:
                 return await _continue_stream(opened, up, model_id)
             length = up.content_length
@@ -109,10 +139,33 @@ async def relay(
         error = ApiError(502, f"model {model_id!r}: the engine did not answer ({e})",
                          "engine_unreachable")
         if opened is not None:
-            await opened.write(sse_event(error.body()))
-            await opened.write_eof()
+            await end_in_band(opened, error)
             return opened
         raise error from e
+
+
+async def _continue_json(
+    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str
+) -> web.StreamResponse:
+    """The engine's answer as the body of an early-headers response. Read whole (it is not
+    streamed), so an engine that dies midway still leaves valid JSON: an error object."""
+    try:
+        data = await up.read()
+    except ENGINE_BROKE as e:
+        await end_in_band(resp, _died(model_id, e))
+        return resp
+    if up.status != 200:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = None
+        if not (isinstance(payload, dict) and "error" in payload):
+            text = data.decode("utf-8", errors="replace")
+            await end_in_band(resp, ApiError(up.status, text or f"engine answered {up.status}"))
+            return resp
+    await resp.write(data)
+    await resp.write_eof()
+    return resp
 
 
 async def _continue_stream(
