@@ -175,10 +175,12 @@ def test_check_lists_the_images_a_host_is_missing(docker_image, tmp_path):
     assert result.returncode == 1, "problems found: exit 1"
     out = result.stdout
     assert "Docker reachable" in out
-    for image in ("avarok/vllm-dgx-spark:v11", "christopherowen/vllm-dgx-spark:v12",
-                  "nvcr.io/nvidia/vllm:25.10-py3"):
+    for image, fix in (
+            ("sparkstack/vllm-gb10:0.13.0", "sparkstack images build vllm-gb10 "),
+            ("sparkstack/vllm-gb10-mxfp4:045293d", "sparkstack images build vllm-gb10-mxfp4 "),
+            ("nvcr.io/nvidia/vllm:25.10-py3", "then docker pull nvcr.io/nvidia/vllm:25.10-py3")):
         assert f"image {image} missing" in out
-        assert f"docker build -t {image}" in out
+        assert fix in out
     assert "missing cl100k_base.tiktoken, o200k_base.tiktoken" in out
     assert "run: sparkstack setup" in out
 

