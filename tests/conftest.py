@@ -88,17 +88,29 @@ class Gateway:
     async def until_state(self, model_id: str, state: State, timeout: float = 20) -> None:
         await self.until(lambda: self.state(model_id).state is state, timeout)
 
-    async def chat(self, model: str, **body: Any) -> tuple[int, dict[str, Any]]:
+    async def release(self, model_id: str, gate: str = "default") -> None:
+        """Open a gate of the model's fake engine: the streams held at it go on."""
+        port = self.supervisor.ports[model_id]
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{port}/release?gate={gate}") as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def chat(self, model: str, headers: dict[str, str] | None = None,
+                   **body: Any) -> tuple[int, dict[str, Any]]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
-        async with self.http.post(self.url + "/v1/chat/completions", json=payload) as resp:
+        async with self.http.post(self.url + "/v1/chat/completions", json=payload,
+                                  headers=headers) as resp:
             return resp.status, await resp.json(content_type=None)
 
-    async def stream(self, model: str, **body: Any) -> list[str]:
-        """Every SSE line of a streamed chat, comments included."""
+    async def stream(self, model: str, headers: dict[str, str] | None = None,
+                     **body: Any) -> list[str]:
+        """Every SSE line of a streamed chat, comments included. `headers` reach the
+        engine (the fake engine's `x-fake-gate` holds the stream until released)."""
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}],
                    "stream": True, **body}
         lines = []
-        async with self.http.post(self.url + "/v1/chat/completions", json=payload) as resp:
+        async with self.http.post(self.url + "/v1/chat/completions", json=payload,
+                                  headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             async for raw in resp.content:
                 line = raw.decode().strip()

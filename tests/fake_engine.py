@@ -7,6 +7,20 @@ crashing at start or mid-request, ignoring SIGTERM, and slow token streams.  Res
 expose what the gateway sent (echoed ``model``, ``x-fake-body-sha256`` of the raw body)
 and ``GET /stats`` reports stream counters so tests can check cancellation propagates.
 
+The release gate makes tests independent of timing: with ``--gate`` (or a request header
+``x-fake-gate: NAME``) a completion stops at the gate — a stream after its first chunk,
+a non-streamed answer before its headers — until the test calls ``POST /release``
+(``?gate=NAME``). A released gate stays open, so a release that comes first is not lost.
+
+Faults, for every completion (``--fault MODE``) or one request (header
+``x-fake-fault: MODE``): ``hang`` (a stream stops after its first chunk, a non-streamed
+answer never comes; the connection stays open), ``die`` (the process exits mid-answer),
+``500`` (an OpenAI-shaped 500), ``500-text`` (a plain-text 500 page), ``close`` (the
+connection is closed before any header), ``bad-json`` (a 200 whose JSON body, or whose
+SSE stream, is malformed). With ``--while-exists PATH`` the faults given on the command
+line (start faults included) apply only to runs started while PATH exists: a test
+removes the file to mend the engine.
+
 Run: ``python tests/fake_engine.py --port 8001 [--rate 5] [--crash-after 1] ...``
 Importing this module has no side effects.
 """
@@ -32,6 +46,8 @@ from typing import Any
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FAULTS = ("hang", "die", "500", "500-text", "close", "bad-json")
+DEFAULT_GATE = "default"
 
 
 @dataclass
@@ -47,9 +63,39 @@ class State:
     cancelled_streams: int = 0
     last_body: dict[str, Any] | None = None  # the last completion request, as received
     pid: int = field(default_factory=os.getpid)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    gated: int = 0  # completions waiting at a gate now
+    hung: int = 0  # completions hanging now (fault "hang")
 
     def is_ready(self) -> bool:
         return not self.args.never_ready and time.monotonic() >= self.ready_at
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    async def pass_gate(self, request: web.Request) -> None:
+        """Wait at this request's gate, if it has one, until the test releases it."""
+        name = request.headers.get("x-fake-gate") or (DEFAULT_GATE if self.args.gate else None)
+        if name is None:
+            return
+        gate = self.gate(name)
+        if gate.is_set():
+            return
+        self.gated += 1
+        log(f"waiting at gate {name}")
+        try:
+            await gate.wait()
+        finally:
+            self.gated -= 1
+
+    async def hang(self) -> None:
+        """Stop sending without closing: until the client goes away (or forever)."""
+        self.hung += 1
+        log("hanging (fault)")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.hung -= 1
 
 
 STATE = web.AppKey("state", State)
@@ -75,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exit(3) during the (N+1)-th completion/embedding request",
     )
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--gate", action="store_true",
+                   help="every completion waits at the default gate until POST /release")
+    p.add_argument("--fault", choices=FAULTS, default=None,
+                   help="inject this fault into every completion (see the module doc)")
+    p.add_argument("--while-exists", default=None, metavar="PATH",
+                   help="command-line faults apply only if PATH exists when the run starts")
     p.add_argument("--starts-file", default=None, help="append the pid here on each start")
     p.add_argument("--served-name", default="fake")
     p.add_argument("--api-key", default=None)
@@ -84,6 +136,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+async def early_fault(request: web.Request, fault: str | None) -> web.StreamResponse | None:
+    """The faults that strike before any header: an answer to send instead, or None."""
+    if fault == "500":
+        return error_reply(request, 500, "CUDA error: an illegal memory access was encountered",
+                           "internal_server_error")
+    if fault == "500-text":
+        return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself "
+                            "in trouble", headers=fake_headers(request))
+    if fault == "close":
+        log("closing the connection before any header (fault)")
+        assert request.transport is not None
+        request.transport.abort()
+        raise asyncio.CancelledError  # nothing more to do for this request
+    return None
 
 
 def crash() -> None:
@@ -170,8 +238,18 @@ async def handle_stats(request: web.Request) -> web.Response:
             "requests": s.requests,
             "last_body": s.last_body,
             "pid": s.pid,
+            "gated": s.gated,
+            "hung": s.hung,
         },
     )
+
+
+async def handle_release(request: web.Request) -> web.Response:
+    """POST /release[?gate=NAME]: open a gate for good (the default gate unless named)."""
+    state = request.app[STATE]
+    name = request.query.get("gate", DEFAULT_GATE)
+    state.gate(name).set()
+    return json_reply(request, {"released": name, "gated": state.gated})
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -214,12 +292,26 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         "model": body.get("model"),
     }
     delay = 1.0 / args.rate if args.rate > 0 else 0.0
+    fault = request.headers.get("x-fake-fault") or args.fault
+    if fault is not None and fault not in FAULTS:
+        return error_reply(request, 400, f"unknown fault {fault!r}", "invalid_request_error")
+    will_crash = will_crash or fault == "die"
+    early = await early_fault(request, fault)
+    if early is not None:
+        return early
 
     if body.get("stream") is True:
-        return await stream_completion(request, chat, base, pieces, usage, delay, will_crash)
+        return await stream_completion(request, chat, base, pieces, usage, delay, will_crash,
+                                       fault)
 
+    await state.pass_gate(request)
     if will_crash:
         crash()
+    if fault == "hang":
+        await state.hang()
+    if fault == "bad-json":
+        return web.Response(body=b'{"id": "x", "choices": [{"message": {"content": "tok0',
+                            content_type="application/json", headers=fake_headers(request))
     if delay:
         await asyncio.sleep(delay * len(pieces))
     text = "".join(pieces)
@@ -243,6 +335,7 @@ async def stream_completion(
     usage: dict[str, int],
     delay: float,
     will_crash: bool,
+    fault: str | None = None,
 ) -> web.StreamResponse:
     state = request.app[STATE]
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -273,6 +366,13 @@ async def stream_completion(
             if i and delay:
                 await asyncio.sleep(delay)
             await resp.write(chunk(piece, first=i == 0))
+            if i == 0:
+                await state.pass_gate(request)
+                if fault == "hang":
+                    await state.hang()
+                if fault == "bad-json":
+                    await resp.write(b'data: {"choices": [{"delta": {"content": "tok1\n\n'
+                                     b"this line is not an event\n\n")
             if will_crash and i == 1:
                 break
         if will_crash:
@@ -362,6 +462,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app[STATE] = State(args)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/stats", handle_stats)
+    app.router.add_post("/release", handle_release)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post("/v1/chat/completions", handle_completion)
     app.router.add_post("/v1/completions", handle_completion)
@@ -425,6 +526,9 @@ _RELEASED: list[int] = []  # SIGUSR1 seen before the event loop took the signal 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.while_exists and not os.path.exists(args.while_exists):  # the engine is mended
+        args.exit_at_start = args.crash_after = args.fault = None
+        args.never_ready = args.ignore_sigterm = False
     pid = os.getpid()
     if args.wait_signal:  # before the pid is published: a signal must never kill us
         signal.signal(signal.SIGUSR1, lambda *_: _RELEASED.append(1))

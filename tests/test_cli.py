@@ -61,7 +61,7 @@ async def test_sigterm_finishes_inflight_stream_then_leaves_no_engine(tmp_path):
     starts = tmp_path / "a.starts"
     config = write_config(tmp_path, f"""
     a:
-      command: {fake("--tokens", "20", "--rate", "20", starts=starts)}
+      command: {fake("--tokens", "20", "--gate", starts=starts)}
       memory_gb: 1
     """)
     port = free_port()
@@ -72,7 +72,11 @@ async def test_sigterm_finishes_inflight_stream_then_leaves_no_engine(tmp_path):
         async with http.post(url, json=payload) as resp:
             while not (await resp.content.readuntil(b"\n\n")).startswith(b"data: {"):
                 pass
-            proc.send_signal(signal.SIGTERM)
+            async with http.get(f"http://127.0.0.1:{port}/api/models") as models:
+                engine_port = (await models.json())["models"][0]["port"]
+            proc.send_signal(signal.SIGTERM)  # the stream is held at the engine's gate
+            async with http.post(f"http://127.0.0.1:{engine_port}/release") as released:
+                assert released.status == 200
             rest = (await resp.content.read()).decode()
     assert rest.rstrip().endswith("data: [DONE]"), "the in-flight stream finished"
     assert await asyncio.wait_for(proc.wait(), 30) == 0

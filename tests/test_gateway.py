@@ -16,6 +16,10 @@ from sparkstack.scheduler import State
 
 from .conftest import KEY, fake, pid_alive, pids
 
+# The fake engine holds a stream sent with this header after its first chunk, until the
+# test releases the gate (Gateway.release): no test relies on a stream lasting long enough.
+HELD = {"x-fake-gate": "held"}
+
 
 def two_models(tmp_path: Path, *extra: object, ttl: str = "20m") -> tuple[str, Path, Path]:
     sa, sb = tmp_path / "a.starts", tmp_path / "b.starts"
@@ -95,14 +99,15 @@ async def test_models_list_answers_from_the_catalog_without_loading(start_gatewa
 
 
 async def test_swap_waits_for_inflight_stream(start_gateway, tmp_path):
-    yaml, sa, sb = two_models(tmp_path, "--tokens", "15", "--rate", "30")
+    yaml, sa, sb = two_models(tmp_path, "--tokens", "15")
     gw = await start_gateway(yaml)
     await gw.chat("a", max_tokens=1)
-    stream_a = asyncio.create_task(gw.stream("a"))
+    stream_a = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
     chat_b = asyncio.create_task(gw.chat("b", max_tokens=2))
     await gw.until(lambda: gw.state("a").leaving)
     assert not sb.exists() and not stream_a.done(), "b waits while a streams"
+    await gw.release("a", "held")
     status, body = await chat_b
     lines_a = await stream_a
     assert status == 200 and body["model"] == "b-served"
@@ -114,33 +119,35 @@ async def test_swap_waits_for_inflight_stream(start_gateway, tmp_path):
 
 
 async def test_waiter_that_disconnects_leaves_the_queue(start_gateway, tmp_path):
-    yaml, _, sb = two_models(tmp_path, "--tokens", "40", "--rate", "20")
+    yaml, _, sb = two_models(tmp_path)
     gw = await start_gateway(yaml, keepalive_interval="0.1s")
-    stream_a = asyncio.create_task(gw.stream("a"))
+    stream_a = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
     waiting = asyncio.create_task(gw.stream("b"))
     await gw.until(lambda: gw.state("a").leaving)
     waiting.cancel()
     await gw.until(lambda: not gw.state("a").leaving)
     assert gw.supervisor.scheduler.queued == 0
+    await gw.release("a", "held")
     assert (await stream_a)[-1] == "data: [DONE]"
     assert not sb.exists(), "b never started: nobody wanted it any more"
 
 
 async def test_reject_policy_answers_429_with_honest_retry_headers(start_gateway, tmp_path):
-    yaml, _, _ = two_models(tmp_path, "--tokens", "20", "--rate", "20")
+    yaml, _, _ = two_models(tmp_path)
     gw = await start_gateway(yaml, busy_policy="reject")
-    stream_a = asyncio.create_task(gw.stream("a"))
+    stream_a = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
     async with gw.http.post(gw.url + "/v1/chat/completions",
                             json={"model": "b", "messages": []}) as resp:
         body = await resp.json()
         assert resp.status == 429
         assert resp.headers["x-sparkstack-busy-models"] == "a"
-        assert 1 <= int(resp.headers["Retry-After"]) <= 60  # the stream takes ~1 s
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60  # no request measured yet: ~15 s
         assert int(resp.headers["retry-after-ms"]) == int(resp.headers["Retry-After"]) * 1000
     assert body["error"]["type"] == "rate_limit_error"
-    await stream_a
+    await gw.release("a", "held")
+    assert (await stream_a)[-1] == "data: [DONE]"
 
 
 # ------------------------------------------------------------------ idle, crash, failure
@@ -226,15 +233,20 @@ async def test_engine_ignoring_sigterm_is_killed_after_the_grace(start_gateway, 
 
 
 async def test_unload_waits_for_inflight_unless_forced(start_gateway, tmp_path):
-    yaml, _, _ = two_models(tmp_path, "--tokens", "10", "--rate", "20")
+    yaml, _, _ = two_models(tmp_path, "--tokens", "10")
     gw = await start_gateway(yaml)
-    stream = asyncio.create_task(gw.stream("a"))
+    stream = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
-    async with gw.http.post(gw.url + "/api/models/a/unload") as resp:
+    unload = asyncio.create_task(gw.http.post(gw.url + "/api/models/a/unload"))
+    await gw.until(lambda: gw.state("a").leaving)
+    assert not unload.done() and gw.state("a").state is State.READY, "waits for the stream"
+    await gw.release("a", "held")
+    async with await unload as resp:
         assert resp.status == 200
     assert stream.done() and (await stream)[-1] == "data: [DONE]"
     payload = {"model": "a", "messages": [], "stream": True}
-    async with gw.http.post(gw.url + "/v1/chat/completions", json=payload) as stream:
+    async with gw.http.post(gw.url + "/v1/chat/completions", json=payload,
+                            headers=HELD) as stream:
         first = await stream.content.readuntil(b"\n\n")
         assert first.startswith(b"data: {") or first.startswith(b": loading")
         while not first.startswith(b"data: {"):
@@ -273,16 +285,17 @@ async def test_pinned_model_starts_with_the_gateway(start_gateway, tmp_path):
 
 
 async def test_client_disconnect_mid_stream_cancels_upstream(start_gateway, tmp_path):
-    yaml, _, _ = two_models(tmp_path, "--tokens", "200", "--rate", "20")
+    yaml, _, _ = two_models(tmp_path, "--tokens", "200")
     gw = await start_gateway(yaml)
     payload = {"model": "a", "messages": [], "stream": True}
-    async with gw.http.post(gw.url + "/v1/chat/completions", json=payload) as resp:
+    async with gw.http.post(gw.url + "/v1/chat/completions", json=payload,
+                            headers=HELD) as resp:
         while not (await resp.content.readuntil(b"\n\n")).startswith(b"data: {"):
             pass  # keep-alive comments while the model loads
     await gw.until(lambda: not gw.state("a").active, timeout=5)
     port = gw.supervisor.ports["a"]
     async with aiohttp.ClientSession() as s:
-        for _ in range(50):
+        for _ in range(400):  # the engine notices the closed connection: poll, bounded
             async with s.get(f"http://127.0.0.1:{port}/stats") as r:
                 stats = await r.json()
             if stats["cancelled_streams"]:
