@@ -44,6 +44,14 @@ class ModelView:
     aliases: tuple[str, ...]
     capabilities: tuple[str, ...]
     context_length: int | None
+    # While starting: how far the load has got (from the engine's log) and since when.
+    load_phase: str | None = None
+    load_percent: float | None = None
+    load_started: float | None = None
+    # What it really uses (telemetry/memory.py): now, and the highest ever seen.
+    memory_measured_gb: float | None = None
+    memory_peak_gb: float | None = None
+    memory_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

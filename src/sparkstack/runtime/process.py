@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 
 from .base import LaunchSpec, LogBuffer, StartError
 
 _PR_SET_PDEATHSIG = 1
+# "\r\n", "\n", or a "\r" that is not the last byte read (it may start a "\r\n").
+_LINE_END = re.compile(rb"\r\n|\n|\r(?=[\s\S])")
+_MAX_LINE = 1024 * 1024
 
 
 def _die_with_parent() -> None:
@@ -35,14 +39,22 @@ class ProcessEngine:
     async def _pump(self, log: LogBuffer) -> None:
         stream = self.proc.stdout
         assert stream is not None
+        pending = b""
         while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line longer than the buffer: take it in pieces
-                line = await stream.read(65536)
-            if not line:
+            data = await stream.read(65536)
+            if not data:
+                if pending:
+                    log.write(pending.decode("utf-8", errors="replace"))
                 return
-            log.write(line.decode("utf-8", errors="replace"))
+            pending += data
+            # A progress bar (tqdm) rewrites its line after "\r": each update is a line
+            # here, so load progress is seen as it happens, not when the bar completes.
+            *lines, pending = _LINE_END.split(pending)
+            if len(pending) > _MAX_LINE:  # a line without end: take it in pieces
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                log.write(line.decode("utf-8", errors="replace"))
 
     async def wait(self) -> int:
         code = await self.proc.wait()
