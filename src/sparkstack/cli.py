@@ -86,9 +86,9 @@ def serve(
         shown = "<your key>" if shown else shown
     from .redact import install
 
-    # Logs never show a key: the configured ones by value, any other by its shape.
-    install([*(k if isinstance(k, str) else k.key or "" for k in cfg.settings.api_keys),
-             *cfg.settings.admin_keys, *extra])
+    # Logs never show a key: the gateway's own by value (registered by serve), any other
+    # by its shape.
+    install()
 
     def ready(info: ServeInfo) -> None:
         # Plain prints: the curl line must stay one line to paste, whatever the terminal.
@@ -339,12 +339,14 @@ def images_build(
     """Build our engine images through the Docker daemon, with its progress as it goes.
     Bases of ours that are missing are built first; NVIDIA's bases are pulled (they need
     `docker login nvcr.io`). About 20 minutes per image on a DGX Spark."""
-    from .images import ImageError, catalog_images, find, own_image
+    from .images import OWN_REPO, ImageError, catalog_images, describe, find, own_image
 
     if sum((name is not None, all_images, for_model is not None)) != 1:
         err.print("[red]name one image, or give --all or --for-model MODEL[/]")
         raise typer.Exit(2)
     try:
+        if name is not None and "/" in name and not name.startswith(OWN_REPO):
+            raise ImageError(f"{name} is not built by sparkstack: {describe(name).fix()}")
         if name is not None:
             found = None
             if config or catalog:
@@ -372,7 +374,7 @@ def images_build(
                 assert image is not None
                 if image.buildable:
                     targets.append(image)
-                elif for_model is not None or image.own:
+                else:
                     err.print(f"{image.ref} is not built by sparkstack: {image.fix()}",
                               highlight=False)
             if not targets:

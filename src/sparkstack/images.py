@@ -322,7 +322,7 @@ async def plan(docker: aiodocker.Docker, targets: list[Image], root: Path | None
     order: list[Image] = []
     seen: set[str] = set()
 
-    async def visit(image: Image, wanted: bool) -> None:
+    async def visit(image: Image) -> None:
         if image.ref in seen:
             return
         seen.add(image.ref)
@@ -331,13 +331,12 @@ async def plan(docker: aiodocker.Docker, targets: list[Image], root: Path | None
             if (await local_images(docker, [base.ref]))[base.ref] is None:
                 if base.folder is None:
                     raise ImageError(f"{image.ref} builds FROM {base.ref}: {base.fix()}")
-                await visit(base, True)
-        if wanted:
-            order.append(image)
+                await visit(base)
+        order.append(image)
 
     for image in targets:
-        present = (await local_images(docker, [image.ref]))[image.ref] is not None
-        await visit(image, rebuild or not present)
+        if rebuild or (await local_images(docker, [image.ref]))[image.ref] is None:
+            await visit(image)
     return order
 
 
