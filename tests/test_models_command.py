@@ -140,13 +140,14 @@ def test_check_command_prints_the_requirement_and_its_fix(tmp_path):
     assert "fix: see the model's notes" in result.stdout
 
 
-def test_the_driver_version_is_read_from_the_loaded_module(tmp_path, monkeypatch):
-    version = tmp_path / "version"
-    version.write_text("580.95.05\n")
-    real = Path
-
-    def fake_path(p: str):
-        return version if p == "/sys/module/nvidia/version" else real(tmp_path / "none")
-
-    monkeypatch.setattr(hostcheck, "Path", fake_path)
-    assert hostcheck.nvidia_driver_version() == "580.95.05"
+def test_the_driver_version_is_read_from_the_loaded_module(tmp_path):
+    module = tmp_path / "version"
+    module.write_text("580.95.05\n")
+    proc = tmp_path / "proc-version"
+    proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for aarch64  580.95.05  "
+                    "Release Build  (dvs-builder@U22)  Mon Oct 13 2025\n"
+                    "GCC version:  gcc version 13.3.0 (Ubuntu 13.3.0-6ubuntu2~24.04)\n")
+    missing = str(tmp_path / "none")
+    assert hostcheck.nvidia_driver_version((str(module), str(proc))) == "580.95.05"
+    assert hostcheck.nvidia_driver_version((missing, str(proc))) == "580.95.05"
+    assert hostcheck.nvidia_driver_version((missing,)) is None

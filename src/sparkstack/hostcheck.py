@@ -101,11 +101,14 @@ async def check_host(config: Config, listen: str | None = None,
     return found
 
 
-def nvidia_driver_version() -> str | None:
+DRIVER_VERSION_FILES = ("/sys/module/nvidia/version", "/proc/driver/nvidia/version")
+
+
+def nvidia_driver_version(files: tuple[str, ...] = DRIVER_VERSION_FILES) -> str | None:
     """The loaded NVIDIA kernel driver's version (580.95.05), or None without one."""
-    for path in ("/sys/module/nvidia/version", "/proc/driver/nvidia/version"):
+    for path in files:
         with contextlib.suppress(OSError):
-            found = re.search(r"\b(\d+\.\d+(?:\.\d+)?)\b", Path(path).read_text())
+            found = re.search(r"(?<![\w.])(\d{3,}\.\d+(?:\.\d+)?)\b", Path(path).read_text())
             if found:
                 return found.group(1)
     return None
