@@ -413,6 +413,44 @@ async def _build_images(targets: list[Any], *, rebuild: bool, no_cache: bool) ->
                       f"{size / 1e9:.1f} GB, tag {split_ref(image.ref)[1]})", highlight=False)
 
 
+@app.command()
+def integrations(
+    client: Annotated[str, typer.Argument(
+        help="opencode, cline, continue, openwebui, aider, or env (any OpenAI SDK)")],
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+    with_key: Annotated[bool, typer.Option(
+        "--with-key", help="print the API key itself, not a $SPARKSTACK_API_KEY reference")
+    ] = False,
+    url: Annotated[str | None, typer.Option(
+        help="the gateway as the client reaches it (default: from `listen`)")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="the client's main model (default: a tool-calling model with the longest "
+        "context)")] = None,
+) -> None:
+    """Print a client's configuration for this catalog (stdout), with where it goes and
+    the caveats (stderr)."""
+    from .integrations import generate
+
+    cfg = _load(config, catalog)
+    key = None
+    if with_key:
+        from .keys import default_api_key
+        from .paths import data_dir
+
+        first = cfg.settings.api_keys[0] if cfg.settings.api_keys else None
+        key = (first if isinstance(first, str) else first.key) if first is not None \
+            else default_api_key(data_dir(cfg))[0]
+    try:
+        result = generate(client, cfg, key=key, url=url, model=model)
+    except ValueError as e:
+        err.print(f"[red]{e}[/]", highlight=False)
+        raise typer.Exit(2) from e
+    print(result.text, end="")
+    for note in result.notes:
+        err.print(f"# {note}", highlight=False, markup=False)
+
+
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
