@@ -13,6 +13,7 @@ need_pkg nginx nginx
 need_pkg wrk wrk
 need_pkg dockerd docker.io
 need_pkg npm npm  # the Node clients of tests/node (nodejs comes with it)
+need_pkg chromium chromium  # the dashboard tests (Playwright drives it; no browser download)
 root=false
 [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && root=true
 
