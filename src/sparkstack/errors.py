@@ -12,8 +12,10 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     502: "engine_error",
     503: "service_unavailable",
     504: "timeout_error",
@@ -39,6 +41,14 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
+
+
+def shown(text: str, limit: int = 120) -> str:
+    """Client input quoted in a message, cut to `limit` characters: an error never
+    echoes a 100 KB model name back whole."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"… ({len(text)} characters)"
 
 
 def retry_headers(seconds: float) -> dict[str, str]:

@@ -77,7 +77,12 @@ class ModelRequest:
             return self.body
         if self.payload is not None:
             self.payload["model"] = served_name
-            return json.dumps(self.payload, ensure_ascii=False, separators=(",", ":")).encode()
+            try:
+                return json.dumps(self.payload, ensure_ascii=False,
+                                  separators=(",", ":")).encode()
+            except RecursionError as e:
+                raise ApiError(400, "the body is nested too deeply to be a request",
+                               "invalid_json") from e
         if self.multipart_boundary is not None:
             return _multipart_set_model(self.body, self.multipart_boundary, served_name)
         return self.body
@@ -95,6 +100,9 @@ def parse_body(body: bytes, content_type: str) -> ModelRequest:
         return ModelRequest(None, None, body)
     try:
         payload = json.loads(body)
+    except RecursionError as e:
+        raise ApiError(400, "the body is nested too deeply to be a request",
+                       "invalid_json") from e
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the body is not valid UTF-8: {e}", "invalid_body") from e
     except ValueError as e:
