@@ -200,3 +200,31 @@ def test_check_and_setup_refuse_an_engine_that_cannot_run(tmp_path):
     assert "make install" in result.stdout
     result = run_cli("setup", "--config", str(config), env=env)
     assert result.returncode == 1 and "SIGILL" in result.stderr
+
+
+async def test_access_log_prints_a_line_per_request(tmp_path):
+    config = write_config(tmp_path, f"""
+    a:
+      command: {fake("--tokens", "7")}
+      memory_gb: 1
+    """)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *SPARKSTACK, "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+        "--access-log", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    output = b""
+    while b"curl" not in output:
+        output += await asyncio.wait_for(proc.stdout.readline(), 30)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                             json={"model": "a", "messages": []}) as resp:
+            assert resp.status == 200
+    while b"sparkstack.access" not in output:
+        output += await asyncio.wait_for(proc.stdout.readline(), 30)
+    line = output.decode().splitlines()[-1]
+    assert "200 /v1/chat/completions model=a key=key1" in line and "tokens=" in line
+    assert KEY not in output.decode(), "the key itself is never printed"
+    assert "starting a (custom, process runtime)" in output.decode()
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -1,4 +1,5 @@
-"""The `sparkstack` command: serve, check, models, images."""
+"""The `sparkstack` command: serve, check, models, images; and against a running stack
+(client.py) status, load, unload, logs, activity, chat, top."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import aiohttp
 import typer
 from rich.console import Console
 
+from . import client
 from .config import (
     DEFAULT_CATALOG,
     TAGS,
@@ -62,6 +64,8 @@ def serve(
     keep_engines: Annotated[bool, typer.Option(
         help="on exit, leave Docker engines running; the next start adopts them "
         "(for upgrades)")] = False,
+    access_log: Annotated[bool, typer.Option(
+        help="print a line per request (status, model, key name, time, tokens)")] = False,
 ) -> None:
     """Serve the catalog on one OpenAI-compatible endpoint."""
     from .gateway.server import ServeInfo
@@ -95,7 +99,8 @@ def serve(
         enabled = [m for m in cfg.models.values() if m.enabled]
         example = enabled[0].id if enabled else "MODEL"
         body = json.dumps({"model": example, "max_tokens": 64,
-                           "messages": [{"role": "user", "content": "Hello!"}]})
+                           "messages": [{"role": "user",
+                                         "content": "What is the capital of France?"}]})
         print(f"sparkstack serving {len(enabled)} models from {cfg.source}\n"
               f"  endpoint: {info.url}/v1\n"
               f"  API key:  {key_note}\n"
@@ -107,7 +112,8 @@ def serve(
 
     try:
         _run(run_server(cfg, listen, extra_keys=extra, data_dir=data, on_ready=ready,
-                        keep_engines=keep_engines))
+                        keep_engines=keep_engines,
+                        access_log=access_log or log_level.lower() == "debug"))
     except (OSError, ConfigError) as e:
         err.print(f"[red]cannot serve:[/] {e}")
         raise typer.Exit(1) from e
@@ -141,6 +147,12 @@ def check(
         mark = "[green]✓[/]" if f.ok else "[red]✗[/]"
         out.print(f"{mark} {f.text}" + ("" if f.ok or not f.fix else f"\n    fix: {f.fix}"),
                   highlight=False)
+    from .telemetry.memory import declaration_findings
+
+    # Measured by earlier runs (the peaks the gateway keeps): a warning, not a failure.
+    declared = {m.id: m.memory_gb for m in cfg.models.values() if m.enabled}
+    for finding in declaration_findings(declared, data_dir(cfg)):
+        out.print(f"[yellow]![/] {finding}", highlight=False)
     if problems:
         raise typer.Exit(1)
 
@@ -458,6 +470,9 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+client.register(app)  # status, load, unload, logs, activity, chat, top: a running stack
 
 
 def main() -> None:
