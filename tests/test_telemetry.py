@@ -19,6 +19,7 @@ from sparkstack.telemetry.memory import GIB, declaration_findings
 from sparkstack.telemetry.progress import ProgressParser, parse_log
 
 from .conftest import KEY, Gateway, fake
+from .test_e2e_llamacpp import gguf, llama  # noqa: F401 (gguf: the session's demo model)
 
 DATA = Path(__file__).with_name("data")
 VLLM_LOG = DATA / "vllm-load.log"
@@ -298,3 +299,20 @@ async def test_request_events_reach_subscribers(start_gateway):
     assert isinstance(event, RequestFinished)
     assert (event.record.model, event.record.completion_tokens) == ("a", 3)
     assert KEY not in json.dumps(event.as_dict()), "never the key itself"
+
+
+@pytest.mark.e2e
+async def test_progress_from_the_real_llama_server(start_gateway, request):
+    model = request.getfixturevalue("gguf")  # fails, not skips, with CI=true
+    gw = await start_gateway(llama(model, "gemma"), memory_gb=1)
+    rec = Recorder(gw)
+    async with gw.http.post(gw.url + "/api/models/gemma/load") as resp:
+        assert resp.status == 200
+    phases = [e.phase for e in rec.events if isinstance(e, LoadProgress)]
+    assert phases[0] == "weights" and "kv-cache" in phases, phases
+    assert phases[-1] == "server", phases
+    # Real memory of a real engine: the 253 MB model is mapped, its KV cache allocated.
+    event = await rec.until(lambda e: isinstance(e, ModelChanged)
+                            and e.model.memory_measured_gb is not None)
+    assert isinstance(event, ModelChanged)
+    assert 0.1 < (event.model.memory_measured_gb or 0) < 2
