@@ -123,7 +123,7 @@ function renderModel(m) {
     stateCell.append(bar, el("div", { className: "sub progress-text" }, `${parts.join(" ")} · `,
       el("span", { className: "elapsed", textContent: duration(elapsed) }),
       m.load_seconds ? ` (last load ${duration(m.load_seconds)})` : ""));
-  } else if (m.state === "stopping" && m.stop_reason) {
+  } else if (m.state !== "ready" && m.stop_reason && !m.last_error) {
     stateCell.append(el("div", { className: "sub", textContent: m.stop_reason }));
   } else if (m.state === "ready" && m.load_seconds != null) {
     stateCell.append(el("div", { className: "sub", textContent: `loaded in ${duration(m.load_seconds)}` }));
@@ -138,7 +138,7 @@ function renderModel(m) {
     const peak = el("div", { className: "sub", textContent: `peak ${gb(m.memory_peak_gb)}` });
     if (Math.abs(off) > 0.1) {
       peak.append(" · ", el("span", { className: "off",
-        textContent: `declaration off by ${Math.round(off * 100)}%` }));
+        textContent: `${Math.round(Math.abs(off) * 100)}% ${off < 0 ? "below" : "above"} the declaration` }));
     }
     mem.append(peak);
   }
