@@ -41,6 +41,7 @@ _USAGE = b'"usage"'
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _INJECTED = b'"stream_options":{"include_usage":true},'
+_DECODER = json.JSONDecoder()
 
 
 def ask_for_usage(req: ModelRequest, endpoint: str) -> bool:
@@ -134,7 +135,7 @@ class Meter:
             return
         start = m.end() - 1
         try:
-            usage, _ = json.JSONDecoder().raw_decode(
+            usage, _ = _DECODER.raw_decode(
                 data[start:start + 4096].decode("utf-8", errors="replace"))
         except ValueError:
             return

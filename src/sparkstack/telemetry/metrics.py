@@ -72,6 +72,7 @@ class Metrics:
         r.register(_Gauges(snapshot))
         self._loading: dict[str, float] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -92,14 +93,22 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(rec.duration_s)
+        ttft, queue_wait, prompt, completion = self._per_model.get(rec.model) or self._model(
+            rec.model)
         if rec.ttft_s is not None:
-            self.ttft.labels(rec.model).observe(rec.ttft_s)
+            ttft.observe(rec.ttft_s)
         if rec.queue_s is not None:
-            self.queue_wait.labels(rec.model).observe(rec.queue_s)
+            queue_wait.observe(rec.queue_s)
         if rec.prompt_tokens:
-            self.prompt_tokens.labels(rec.model).inc(rec.prompt_tokens)
+            prompt.inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.completion_tokens.labels(rec.model).inc(rec.completion_tokens)
+            completion.inc(rec.completion_tokens)
+
+    def _model(self, model: str) -> tuple[Any, Any, Any, Any]:
+        found = (self.ttft.labels(model), self.queue_wait.labels(model),
+                 self.prompt_tokens.labels(model), self.completion_tokens.labels(model))
+        self._per_model[model] = found
+        return found
 
     def _transition(self, event: ModelChanged) -> None:
         view, previous = event.model, event.previous
