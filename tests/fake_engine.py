@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-name", default="fake")
     p.add_argument("--api-key", default=None)
     p.add_argument("--embedding-dim", type=int, default=8)
+    p.add_argument("--allocate-mb", type=int, default=0,
+                   help="hold this much memory (touched, so it is resident) while running")
+    p.add_argument("--load-log", default=None, metavar="FILE",
+                   help="print this recorded engine log while starting (load progress)")
+    p.add_argument("--no-usage", action="store_true",
+                   help="never report usage (an engine that ignores stream_options)")
     return p.parse_args(argv)
 
 
@@ -324,7 +330,10 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     else:
         choice = {"index": 0, "text": text, "finish_reason": "stop"}
     obj = "chat.completion" if chat else "text_completion"
-    return json_reply(request, {**base, "object": obj, "choices": [choice], "usage": usage})
+    reply = {**base, "object": obj, "choices": [choice], "usage": usage}
+    if args.no_usage:
+        del reply["usage"]
+    return json_reply(request, reply)
 
 
 async def stream_completion(
@@ -381,7 +390,8 @@ async def stream_completion(
         await resp.write(chunk(None, finish="stop"))
         opts = json_body(request) or {}
         stream_opts = opts.get("stream_options")
-        if isinstance(stream_opts, dict) and stream_opts.get("include_usage"):
+        if (isinstance(stream_opts, dict) and stream_opts.get("include_usage")
+                and not state.args.no_usage):
             data = {**base, "object": obj, "choices": [], "usage": usage}
             await resp.write(f"data: {json.dumps(data)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
@@ -521,6 +531,7 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_BALLAST: list[bytearray] = []  # --allocate-mb
 _RELEASED: list[int] = []  # SIGUSR1 seen before the event loop took the signal over
 
 
@@ -538,6 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.starts_file, "a", encoding="utf-8") as f:
             f.write(f"{pid}\n")
     log(f"fake engine pid={pid} port={args.port} starting")
+    if args.allocate_mb:  # filled, not calloc'd: the pages are resident
+        _BALLAST.append(bytearray(b"\x01") * (args.allocate_mb * 1024 * 1024))
+    if args.load_log:
+        with open(args.load_log, encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+        sys.stdout.flush()
     if args.exit_at_start is not None:
         for line in ("loading weights...", "allocating KV cache...", "CUDA error: out of memory"):
             print(line, file=sys.stderr, flush=True)
