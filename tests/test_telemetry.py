@@ -14,7 +14,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sparkstack.telemetry.events import Event, LoadProgress, ModelChanged, RequestFinished
+from sparkstack.gateway.accounting import Meter
+from sparkstack.telemetry.events import (
+    Event,
+    LoadProgress,
+    ModelChanged,
+    RequestFinished,
+    RequestRecord,
+)
 from sparkstack.telemetry.memory import GIB, declaration_findings
 from sparkstack.telemetry.progress import ProgressParser, parse_log
 
@@ -316,3 +323,55 @@ async def test_progress_from_the_real_llama_server(start_gateway, request):
                             and e.model.memory_measured_gb is not None)
     assert isinstance(event, ModelChanged)
     assert 0.1 < (event.model.memory_measured_gb or 0) < 2
+
+
+# ------------------------------------------------------------------ the meter, chunk by chunk
+
+
+def _meter(strip: bool) -> Meter:
+    meter = Meter(RequestRecord(ts=0, model="m", endpoint="/v1/chat/completions", key=None,
+                                stream=True), 0.0, strip)
+    meter.answered("text/event-stream")
+    return meter
+
+
+USAGE_EVENT = (b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":25,'
+               b'"completion_tokens":3,"total_tokens":28}}\n\n')
+
+
+@pytest.mark.parametrize("cut", [5, 40, len(USAGE_EVENT) - 1])
+def test_a_usage_event_cut_across_chunks_is_read_and_stripped(cut):
+    meter = _meter(strip=True)
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    stream = token + USAGE_EVENT + b"data: [DONE]\n\n"
+    at = len(token) + cut
+    sent = meter.feed(stream[:at]) + meter.feed(stream[at:]) + meter.rest()
+    assert sent == token + b"data: [DONE]\n\n"
+    assert (meter.record.prompt_tokens, meter.record.completion_tokens) == (25, 3)
+
+
+def test_usage_the_client_asked_for_passes_through():
+    meter = _meter(strip=False)
+    stream = USAGE_EVENT + b"data: [DONE]\n\n"
+    assert meter.feed(stream[:30]) + meter.feed(stream[30:]) + meter.rest() == stream
+    assert meter.record.completion_tokens == 3
+
+
+def test_usage_of_the_responses_and_messages_apis():
+    meter = _meter(strip=False)
+    meter.feed(b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+               b'{"input_tokens":12,"output_tokens":1}}}\n\n')
+    meter.feed(b'event: message_delta\ndata: {"type":"message_delta","usage":'
+               b'{"output_tokens":40}}\n\n')
+    assert (meter.record.prompt_tokens, meter.record.completion_tokens) == (12, 40)
+    meter = _meter(strip=False)
+    meter.feed(b'event: response.completed\ndata: {"type":"response.completed","response":'
+               b'{"output":[],"usage":{"input_tokens":7,"output_tokens":9}}}\n\n')
+    assert (meter.record.prompt_tokens, meter.record.completion_tokens) == (7, 9)
+
+
+def test_a_whole_body_gives_its_usage_and_text_mentioning_usage_is_ignored():
+    meter = _meter(strip=False)
+    meter.body(b'{"choices":[{"message":{"content":"the \\"usage\\" key"}}],'
+               b'"usage":{"prompt_tokens":3,"completion_tokens":5}}')
+    assert (meter.record.prompt_tokens, meter.record.completion_tokens) == (3, 5)

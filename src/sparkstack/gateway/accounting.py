@@ -53,7 +53,7 @@ def ask_for_usage(req: ModelRequest, endpoint: str) -> bool:
     opts = payload.get("stream_options")
     if isinstance(opts, dict) and opts.get("include_usage"):
         return False
-    if opts is None and not req.reshaped:
+    if "stream_options" not in payload and not req.reshaped:
         # Splice the bytes rather than re-encode a body that may be megabytes of prompt.
         brace = req.body.find(b"{")
         if brace < 0:
