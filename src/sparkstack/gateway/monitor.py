@@ -60,6 +60,11 @@ def install(app: web.Application, config: Config, supervisor: Supervisor,
         await store.close()
 
     app.cleanup_ctx.append(activity_ctx)
+
+    async def end_streams(app: web.Application) -> None:
+        supervisor.bus.close()
+
+    app.on_shutdown.append(end_streams)
     files = sorted(f.name for f in STATIC.iterdir() if f.suffix in _TYPES)
     keys.public_paths |= {"/", *(f"/static/{f}" for f in files)}
     if s.metrics_public:
@@ -133,8 +138,11 @@ async def api_events(request: web.Request) -> web.StreamResponse:
         await resp.write(sse("snapshot", snapshot_payload(supervisor)))
         while True:
             try:
-                event: Event = await asyncio.wait_for(queue.get(), EVENTS_KEEPALIVE_S)
+                event: Event | None = await asyncio.wait_for(queue.get(), EVENTS_KEEPALIVE_S)
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue
+            if event is None:  # shutting down: end the stream, do not hold the exit
+                await resp.write_eof()
+                return resp
             await resp.write(sse(event.kind, event.as_dict()))

@@ -110,6 +110,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._streams = 0
+        self._queues: set[asyncio.Queue[Event | None]] = set()
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         """Call `fn` with every event from now on; returns the unsubscribe function."""
@@ -129,11 +130,19 @@ class EventBus:
             except Exception:  # one broken subscriber must not break the publisher
                 log.exception("event subscriber %r failed on %s", fn, event.kind)
 
+    def close(self) -> None:
+        """The stack is shutting down: every queue gets None, its end."""
+        for queue in self._queues:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
     @contextlib.contextmanager
     def queue(self, model_id: str | None = None,
-              backlog: int = 1000) -> Iterator[asyncio.Queue[Event]]:
-        """A queue of every event from now on (of one model, if given) while inside."""
-        queue: asyncio.Queue[Event] = asyncio.Queue(backlog)
+              backlog: int = 1000) -> Iterator[asyncio.Queue[Event | None]]:
+        """A queue of every event from now on (of one model, if given) while inside;
+        None in it means the end (shutdown)."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(backlog)
 
         def put(event: Event) -> None:
             if model_id is not None and event.model_id not in (model_id, None):
@@ -144,14 +153,16 @@ class EventBus:
 
         unsubscribe = self.subscribe(put)
         self._streams += 1
+        self._queues.add(queue)
         try:
             yield queue
         finally:
+            self._queues.discard(queue)
             self._streams -= 1
             unsubscribe()
 
     async def stream(self, model_id: str | None = None) -> AsyncIterator[Event]:
         """Every event from now on (of one model, if given) until the caller stops."""
         with self.queue(model_id) as queue:
-            while True:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
