@@ -375,3 +375,29 @@ def test_a_whole_body_gives_its_usage_and_text_mentioning_usage_is_ignored():
     meter.body(b'{"choices":[{"message":{"content":"the \\"usage\\" key"}}],'
                b'"usage":{"prompt_tokens":3,"completion_tokens":5}}')
     assert (meter.record.prompt_tokens, meter.record.completion_tokens) == (3, 5)
+
+
+async def test_open_event_and_log_streams_do_not_hold_the_shutdown(tmp_path):
+    from sparkstack.config import load_config
+    from sparkstack.gateway.server import ServeInfo, serve
+
+    from .conftest import free_port
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"api_keys: [{KEY}]\nmemory_gb: 2\nshutdown_timeout: 30s\nmodels:\n"
+                    + "\n".join("  " + ln for ln in one_model().strip("\n").splitlines()))
+    ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(load_config(path), f"127.0.0.1:{free_port()}",
+                                       data_dir=tmp_path / "data", on_ready=ready.set_result,
+                                       stop=stop))
+    info = await ready
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        events = await http.get(info.url + "/api/events")
+        await events.content.readuntil(b"\n\n")  # the snapshot: the stream is open
+        logs = await http.get(info.url + "/api/models/a/logs", params={"follow": "true"})
+        assert events.status == logs.status == 200
+        stop.set()
+        await asyncio.wait_for(server, 10)  # not the 30 s shutdown_timeout
+        events.close()
+        logs.close()
