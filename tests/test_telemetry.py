@@ -401,3 +401,71 @@ async def test_open_event_and_log_streams_do_not_hold_the_shutdown(tmp_path):
         await asyncio.wait_for(server, 10)  # not the 30 s shutdown_timeout
         events.close()
         logs.close()
+
+
+# ------------------------------------------------------------------ memory sources
+
+
+class FakeNvml:
+    def __init__(self, unified: bool, used: dict[int, int]) -> None:
+        self.ok, self.unified, self.used = True, unified, used
+
+    def per_process(self) -> dict[int, int]:
+        return self.used
+
+
+class FakeContainer:
+    """What the Docker API answers for a container (cgroup v2 stats)."""
+
+    def __init__(self, usage: int, inactive_file: int, pid: int) -> None:
+        self.usage, self.inactive_file, self.pid = usage, inactive_file, pid
+
+    async def stats(self, stream: bool) -> list[dict[str, Any]]:
+        return [{"memory_stats": {"usage": self.usage,
+                                  "stats": {"inactive_file": self.inactive_file}}}]
+
+    async def show(self) -> dict[str, Any]:
+        return {"State": {"Pid": self.pid}}
+
+
+class Engine:
+    def __init__(self, container: Any = None, pid: int | None = None) -> None:
+        self.container = container
+        if pid is not None:
+            self.proc = type("Proc", (), {"pid": pid, "returncode": None})()
+
+
+async def test_memory_of_a_container_on_a_discrete_gpu(tmp_path):
+    import os
+
+    from sparkstack.telemetry.memory import MemoryMonitor
+
+    monitor = MemoryMonitor(tmp_path)
+    monitor._nvml = FakeNvml(unified=False, used={os.getpid(): 3 * GIB})  # type: ignore
+    box = Engine(FakeContainer(usage=int(2.5 * GIB), inactive_file=GIB // 2, pid=os.getpid()))
+    moved = await monitor.sample({"c": box}, {"c": 6})
+    assert moved == {"c"}
+    got = monitor.current["c"]
+    assert (got.gb, got.source) == (5.0, "container+nvml"), "2 GB in the container + 3 on GPU"
+    assert json.loads((tmp_path / "memory.json").read_text())["c"]["peak_gb"] == 5.0
+
+
+async def test_memory_on_unified_memory_is_the_hosts_delta_across_the_load(tmp_path,
+                                                                             monkeypatch):
+    import os
+
+    from sparkstack.telemetry import memory
+    from sparkstack.telemetry.memory import MemoryMonitor
+
+    used = iter([10 * GIB, 75 * GIB])  # before the start, once ready
+    monkeypatch.setattr(memory, "host_used_bytes", lambda: next(used))
+    monitor = MemoryMonitor(tmp_path)
+    monitor._nvml = FakeNvml(unified=True, used={})  # type: ignore  # GB10: no per-process memory
+    monitor.load_started("big")
+    monitor.load_finished("big")
+    await monitor.sample({"big": Engine(pid=os.getpid())}, {"big": 70})
+    got = monitor.current["big"]
+    assert (got.gb, got.source) == (65.0, "host-delta")
+    assert declaration_findings({"big": 70}, tmp_path) == [], "65 is within 10% of 70"
+    assert declaration_findings({"big": 50}, tmp_path)[0].endswith(
+        "raise it, or the budget is overrun")
