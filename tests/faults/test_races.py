@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from sparkstack.scheduler import State
-from sparkstack.scheduler.eviction import CostAware
 
 from ..conftest import Gateway, fake, pid_alive, pids
 from .common import alive, chat, last_event, stream, tokens
@@ -143,12 +142,10 @@ async def test_alias_and_id_at_once_start_one_engine(start_gateway, tmp_path):
 async def test_200_random_requests_over_5_models_with_room_for_2(start_gateway, tmp_path,
                                                                  seeded):
     names = [f"m{i}" for i in range(5)]
+    # min_residency 0: a fresh load may be evicted at once (by default it serves a while
+    # first, and every swap here would wait for that). Races need swaps, not waits.
     gw = await start(start_gateway, tmp_path, models(tmp_path, names, "--tokens", "3"),
-                     memory_gb=10)
-    # Our policy holds a waiting request back while the models it would evict are in use
-    # (used in the last 30 s), up to a fairness bound: here every model always is, so
-    # every swap would wait that long. Races need swaps, not waits: no hold.
-    gw.supervisor.scheduler.policy = CostAware(max_pass_over=0)
+                     memory_gb=10, min_residency="0s")
     seen = [0]
     watcher = asyncio.create_task(watch(gw, seen))
     in_flight = asyncio.Semaphore(12)
