@@ -1,13 +1,24 @@
 """Eviction policy: given a model to load and what is resident, which models must stop.
 
-A pure function of its inputs, so every case is a one-line unit test.
+`plan` is a pure function of its inputs, so every case is a one-line unit test. A
+`Policy` wraps it for the scheduler: which order victims are taken in, and how long a
+fresh load is protected (`min_residency`). `CostAware` is ours and the default; the
+policy simulator (bench/policy) runs its peers' policies through the same interface.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+DEMAND_WINDOW_S = 600.0  # recent demand: requests decayed with this time constant
+# min_residency "auto": as long as the model's own load took (measured, else declared),
+# so that a load serves at least as long as it cost; at most this long, which bounds how
+# long anyone is passed over. Chosen by the policy simulator (docs/scheduling.md): longer
+# caps do no better overall, and make people hopping between models wait longer.
+AUTO_RESIDENCY_MAX_S = 120.0
 
 
 class ResidentLike(Protocol):
@@ -43,24 +54,37 @@ class Resident:
     movable: bool = True  # False while it starts: a start is never cut short to make room
 
 
+def lru_order(r: ResidentLike) -> Any:
+    """Idle before busy, pinned last, least recently used first."""
+    return (not r.movable, r.pinned, r.busy, r.last_used)
+
+
 def plan(
-    memory_gb: float, exclusive: bool, residents: Collection[ResidentLike], budget_gb: float
+    memory_gb: float, exclusive: bool, residents: Collection[ResidentLike], budget_gb: float,
+    order: Callable[[Any], Any] = lru_order,
 ) -> list[str] | None:
     """Ids of the residents to stop so a model of `memory_gb` fits; None if it never can.
 
     Order of preference, each branch for a reason:
     - an exclusive target needs everything else gone, and an exclusive resident must go
       before anything else loads (it runs alone);
-    - then idle models before busy ones (a busy model makes the newcomer wait), pinned
-      models last (they are the always-on helpers), least recently used first;
+    - then in `order`: by default idle models before busy ones (a busy model makes the
+      newcomer wait), pinned models last (they are the always-on helpers), least
+      recently used first;
     - finally drop any victim the others already make room for, so a small model is not
       stopped needlessly beside a big one.
     """
     if memory_gb > budget_gb:
         return None
-    used = sum(r.memory_gb for r in residents)
-    freeing = sum(r.memory_gb for r in residents if r.leaving)
-    forced = [r for r in residents if not r.leaving and (exclusive or r.exclusive)]
+    used = freeing = 0.0
+    staying: list[ResidentLike] = []  # one pass: `leaving` is a property, 500 models deep
+    for r in residents:
+        used += r.memory_gb
+        if r.leaving:
+            freeing += r.memory_gb
+        else:
+            staying.append(r)
+    forced = [r for r in staying if exclusive or r.exclusive]
     freeing += sum(r.memory_gb for r in forced)
 
     def fits(freed: float) -> bool:
@@ -68,11 +92,8 @@ def plan(
 
     optional: list[ResidentLike] = []
     if not fits(freeing):
-        forced_ids = {r.id for r in forced}
-        candidates = sorted(
-            (r for r in residents if not r.leaving and r.id not in forced_ids),
-            key=lambda r: (not r.movable, r.pinned, r.busy, r.last_used),
-        )
+        candidates = sorted((r for r in staying if r not in forced), key=order) if forced \
+            else sorted(staying, key=order)
         for r in candidates:
             if fits(freeing):
                 break
@@ -83,3 +104,138 @@ def plan(
                 optional.remove(r)
                 freeing -= r.memory_gb
     return [r.id for r in forced + optional]
+
+
+# ---------------------------------------------------------------- policies
+
+
+class Candidate(ResidentLike, Protocol):
+    """What a policy reads of a resident beyond `ResidentLike` (`ModelState` has it all)."""
+
+    ready_at: float  # when its current run became ready
+    prewarmed: bool  # started ahead of demand and not asked for since
+
+    @property
+    def min_residency(self) -> float: ...
+
+    @property
+    def load_estimate(self) -> float: ...  # seconds a start takes: measured, else declared
+
+    def demand(self, now: float) -> float: ...  # recent requests, decayed over DEMAND_WINDOW_S
+
+
+class Target(Protocol):
+    """The model a start is planned for."""
+
+    id: str
+    memory_gb: float
+    exclusive: bool
+    pinned: bool
+
+
+class Policy(Protocol):
+    """The scheduler's eviction policy. Pure: reads its arguments, changes nothing, and is
+    cheap (it runs inside every scheduling decision)."""
+
+    def victims(self, target: Target, residents: Collection[Any], budget_gb: float,
+                now: float) -> list[str] | None:
+        """Ids of the residents to stop so `target` fits; None if it never can."""
+        ...
+
+    def hold_until(self, r: Any, target: Target, now: float) -> float:
+        """Until when resident `r` may not be evicted for `target` (a past time: it may).
+        The scheduler asks again at that time, or at the next event."""
+        ...
+
+
+class CostAware:
+    """Ours.
+
+    - A fresh load serves at least its `min_residency` (by default as long as it took to
+      load, at most AUTO_RESIDENCY_MAX_S) before another model may take its memory: two
+      people on two models that do not fit together share the machine in turns instead
+      of reloading each other after every answer. The waiting request is passed over for
+      at most that long (then the victim's requests in flight drain).
+    - Among the residents that may go, the one cheapest to lose goes first: expected
+      cost = its load time x the chance it is asked for again soon (from its recent
+      request rate). A model used once an hour goes before one used every minute, one
+      that loads in 30 s before one that takes 5 min. LRU only breaks ties.
+    - Pinned models are the always-on lane: never protected, and requests for them are
+      never held back (a task model beside an exclusive one must swap anyway: holding
+      its requests back only moves the wait). Nor is a pre-warmed model nobody asked for.
+    """
+
+    def hold_until(self, r: Candidate, target: Target, now: float) -> float:
+        if r.prewarmed or r.pinned or target.pinned or not r.movable:
+            return 0.0
+        return r.ready_at + r.min_residency
+
+    def cost(self, r: Candidate, now: float) -> float:
+        return r.load_estimate * -math.expm1(-r.demand(now))
+
+    def victims(self, target: Target, residents: Collection[Candidate], budget_gb: float,
+                now: float) -> list[str] | None:
+        exempt = target.pinned
+        expm1 = math.expm1
+
+        def order(r: Candidate) -> Any:  # hold_until and cost, inlined: it runs per resident
+            if not r.movable:
+                return (2,)
+            if r.pinned:
+                return (1, r.busy, r.last_used)
+            held = not exempt and not r.prewarmed and r.ready_at + r.min_residency > now
+            return (0, held, r.busy, r.load_estimate * -expm1(-r.demand(now)), r.last_used)
+
+        return plan(target.memory_gb, target.exclusive, residents, budget_gb, order)
+
+
+class DailyProfile:
+    """On which of the last DAYS days a model was asked for in each quarter hour of the
+    day: the habit pre-warming reads ("the model a user used at this hour yesterday").
+    Days are 86,400 s of the scheduler's clock, whatever its origin: a habit only needs
+    the period. O(1) to update, O(window) to read."""
+
+    SLOT_S = 900
+    SLOTS = 96
+    DAYS = 7
+
+    def __init__(self) -> None:
+        self.masks = [0] * self.SLOTS  # bit k: asked for on day `days[slot]` - k
+        self.days = [0] * self.SLOTS
+
+    def _at(self, t: float) -> tuple[int, int]:
+        return int(t // 86400), int(t % 86400 // self.SLOT_S)
+
+    def note(self, now: float) -> None:
+        day, slot = self._at(now)
+        shift = day - self.days[slot]
+        kept = (self.masks[slot] << shift) if shift <= self.DAYS else 0
+        self.masks[slot] = (kept | 1) & ((1 << (self.DAYS + 1)) - 1)
+        self.days[slot] = day
+
+    def likelihood(self, now: float, horizon: float) -> float:
+        """The share of the last DAYS days on which it was asked for between this time of
+        day and `horizon` later."""
+        hit = 0
+        for back in range(1, self.DAYS + 1):
+            t = now
+            while t < now + horizon:
+                day, slot = self._at(t)
+                k = self.days[slot] - (day - back)
+                if 0 <= k <= self.DAYS and self.masks[slot] >> k & 1:
+                    hit += 1
+                    break
+                t += self.SLOT_S
+        return hit / self.DAYS
+
+
+class Lru:
+    """The policy before cost-aware eviction: least recently used first, no protection
+    of fresh loads."""
+
+    def hold_until(self, r: ResidentLike, target: Target, now: float) -> float:
+        return 0.0
+
+    def victims(self, target: Target, residents: Collection[ResidentLike], budget_gb: float,
+                now: float) -> list[str] | None:
+        return plan(target.memory_gb, target.exclusive, residents, budget_gb)
