@@ -8,7 +8,7 @@ ARGS ?=
 SMOLLM2 := 0.1.2
 SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: install run test lint bench system-deps clean
+.PHONY: install run test lint bench bench-policy system-deps clean
 
 # Re-install when the project's metadata changes. llama.cpp's llama-server is built as a
 # portable wheel once per machine (~15 min on 2 cores; scripts/llama-wheel.sh says why it
@@ -40,6 +40,11 @@ lint: install
 bench: system-deps install
 	$(BIN)/pip install -q -e '.[dev,demo,bench]'
 	$(BIN)/python -m bench.run
+
+## bench-policy: scheduling policies replayed on traces (docs/scheduling.md); no processes
+bench-policy: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.policy
 
 system-deps:
 	@bash scripts/system-deps.sh
