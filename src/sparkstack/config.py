@@ -194,6 +194,10 @@ class ModelConfig(BaseModel):
     health: str = "/health"
     memory_gb: float | None = Field(default=None, ge=0)
     ttl: Duration | None = None
+    min_residency: Duration | Literal["auto"] | None = None  # global min_residency unless set
+    prewarm: bool | None = None  # global prewarm unless set
+    # How long a start takes (an estimate); a measured start time replaces it.
+    load_seconds: Duration | None = Field(default=None, gt=0)
     health_timeout: Duration = 900.0
     stop_timeout: Duration = 10.0
     aliases: list[str] = Field(default_factory=list)
@@ -293,6 +297,10 @@ class Settings(BaseModel):
     memory_total_gb: float | Literal["auto"] = "auto"
     memory_reserve_gb: float = Field(default=4.0, ge=0)
     idle_ttl: Duration = 1200.0
+    # auto: as long as the model's own load took, at most 2 min (chosen by the policy
+    # simulator, docs/scheduling.md); or a duration for every model
+    min_residency: Duration | Literal["auto"] = "auto"
+    prewarm: bool = False
     queue_timeout: Duration = 600.0
     max_queue: int = Field(default=1000, ge=1)
     busy_policy: Literal["queue", "reject"] = "queue"
@@ -414,6 +422,9 @@ class Model:
     busy_policy: str
     base_dir: Path
     memory_gb: float  # declared, or gpu_memory_utilization x the machine's total memory
+    min_residency: float | None = None  # not evicted for another model sooner after a
+    # load; None: auto (the scheduler's share of its load time)
+    prewarm: bool = False  # may be started ahead of demand, into free memory only
 
     @property
     def served_name(self) -> str:
@@ -502,6 +513,10 @@ def _fallback_problems(source: str, models: dict[str, Model], aliases: dict[str,
     return problems
 
 
+def _residency(value: float | str) -> float | None:
+    return None if value == "auto" else float(value)
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -565,6 +580,9 @@ def load_config(
             busy_policy=cfg.busy_policy or settings.busy_policy,
             base_dir=base_dir,
             memory_gb=round(memory, 1),
+            min_residency=_residency(settings.min_residency if cfg.min_residency is None
+                                     else cfg.min_residency),
+            prewarm=settings.prewarm if cfg.prewarm is None else cfg.prewarm,
         )
     for model_id, m in models.items():
         names = list(m.cfg.aliases)
