@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,13 +20,17 @@ from pathlib import Path
 import aiohttp
 
 from .config import Config
-from .engines import Upstream, launch_spec, new_key
+from .engines import Upstream, engine_identity, launch_spec, new_key
 from .runtime import LogBuffer, Runtime, StartError
 from .runtime.base import free_port, port_is_free
 from .runtime.docker import LABEL_HASH, DockerRuntime
 from .runtime.lifecycle import EngineRun, RunContext
-from .scheduler import ModelState, Scheduler, State, Ticket
+from .scheduler import ModelState, Scheduler, State, Ticket, invariants
 from .scheduler.refusal import Refusal
+from .telemetry.events import EventBus, LoadProgress, ModelChanged, QueueChanged
+from .telemetry.loadtimes import read_load_times, record_load_time
+from .telemetry.memory import MemoryMonitor
+from .telemetry.progress import ProgressParser
 from .views import ModelView, Snapshot, wall
 
 log = logging.getLogger("sparkstack.supervisor")
@@ -42,6 +47,8 @@ class Supervisor:
         check_free_memory: bool = False,
         keep_engines: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        bus: EventBus | None = None,
+        memory_interval: float = 5.0,
     ) -> None:
         self.config = config
         self.data_dir = data_dir
@@ -54,7 +61,10 @@ class Supervisor:
         self.scheduler = Scheduler(
             config.models.values(), budget_gb, self, clock,
             queue_timeout=s.queue_timeout, max_queue=s.max_queue, start_backoff=s.start_backoff,
+            load_times=read_load_times(data_dir),
         )
+        if os.environ.get("SPARKSTACK_DEBUG") == "1":
+            invariants.checked(self.scheduler)
         self.logs = {mid: LogBuffer(data_dir / "logs" / f"{mid}.log") for mid in config.models}
         self.runs: dict[str, EngineRun] = {}
         self.ports: dict[str, int] = {}
@@ -64,6 +74,17 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._watchers = 0
         self._closed = False
+        # Telemetry (docs/monitoring.md): events out, load progress and measured memory in.
+        self.bus = bus or EventBus()
+        self.memory = MemoryMonitor(data_dir)
+        self.memory_interval = memory_interval
+        self._published: dict[str, State] = {}  # the state each model's last event showed
+        self._loads: dict[str, tuple[ProgressParser, float, Callable[[str], None]]] = {}
+        self._dirty: set[str] = set()
+        self._flush: asyncio.TimerHandle | None = None
+        self._queued = 0
+        self._sample_soon = asyncio.Event()
+        self._sampler: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Supervisor:
         # Health probes get their own small session: they must never queue behind traffic.
@@ -73,6 +94,7 @@ class Supervisor:
         docker = self.runtimes.get("docker")
         if isinstance(docker, DockerRuntime):
             await self._adopt(docker)
+        self._sampler = asyncio.create_task(self._sample_memory(), name="memory-sampler")
         self.scheduler.tick()  # pinned models start now
         return self
 
@@ -109,7 +131,8 @@ class Supervisor:
             queued=sched.queued,
             starting=sched.starting,
             shutting_down=sched.shutting_down,
-            models=tuple(self._view(s) for s in sched.models.values()),
+            models=tuple(self._view(s) for s in sched.models.values()
+                         if not (s.removed and s.state is State.STOPPED)),
         )
 
     def model_view(self, model_id: str) -> ModelView:
@@ -118,6 +141,9 @@ class Supervisor:
     def _view(self, s: ModelState) -> ModelView:
         m = s.model
         idle_at = self.scheduler.idle_deadline(s)
+        load = self._loads.get(m.id) if s.state is State.STARTING else None
+        measured = self.memory.current.get(m.id) if s.state is not State.STOPPED else None
+        peak = self.memory.peaks.get(m.id, {}).get("peak_gb")
         return ModelView(
             id=m.id, state=s.state.value, status=m.cfg.status, notes=m.cfg.notes,
             memory_gb=m.memory_gb, in_flight=len(s.active), queued=len(s.waiters),
@@ -131,6 +157,11 @@ class Supervisor:
             pinned=m.cfg.pinned, exclusive=m.cfg.exclusive, runtime=m.cfg.runtime,
             engine=m.cfg.engine, port=self.ports.get(m.id), aliases=tuple(m.cfg.aliases),
             capabilities=tuple(m.cfg.capabilities), context_length=m.cfg.max_model_len,
+            load_phase=load[0].phase if load else None,
+            load_percent=load[0].percent if load else None,
+            load_started=wall(load[1]) if load else None,
+            memory_measured_gb=measured.gb if measured else None,
+            memory_peak_gb=peak, memory_source=measured.source if measured else None,
         )
 
     async def load(self, model_id: str) -> None:
@@ -148,6 +179,35 @@ class Supervisor:
         # Done when this run has stopped (queued requests may start a new run right after).
         while s.run == run and s.state is not State.STOPPED:
             await self.wait_changed()
+
+    def reconfigure(self, new: Config) -> dict[str, list[str]]:
+        """Take a reloaded catalog (already validated). Unchanged models keep running;
+        models whose engine changed restart once idle; removed ones stop once idle; added
+        ones are available at once. `self.config` is updated in place, so every reader
+        holding it sees the new catalog."""
+        old = self.config
+        changed = {mid for mid, m in new.models.items()
+                   if mid in old.models and engine_identity(old.models[mid]) != engine_identity(m)}
+        sched = self.scheduler
+        summary = {
+            "added": sorted(set(new.models) - set(old.models)),
+            "removed": sorted(set(old.models) - set(new.models)),
+            "restarting": sorted(mid for mid in changed if sched.models[mid].resident),
+            "changed": sorted(changed),
+            "unchanged": sorted(set(new.models) & set(old.models) - changed),
+        }
+        for mid in new.models:
+            if mid not in self.logs:
+                self.logs[mid] = LogBuffer(self.data_dir / "logs" / f"{mid}.log")
+        s = new.settings
+        if s.memory_gb != "auto":
+            sched.budget_gb = float(s.memory_gb)
+        sched.queue_timeout, sched.max_queue = s.queue_timeout, s.max_queue
+        sched.start_backoff = s.start_backoff
+        old.settings, old.models, old.aliases = new.settings, new.models, new.aliases
+        old.warnings = new.warnings
+        sched.reconfigure(new.models, changed)
+        return summary
 
     async def wait_changed(self) -> None:
         """Wait until any model changes state or load."""
@@ -182,23 +242,30 @@ class Supervisor:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._timer:
             self._timer.cancel()
+        if self._flush:
+            self._flush.cancel()
+        if self._sampler:
+            self._sampler.cancel()
         if self._http:
             await self._http.close()
         for runtime in self.runtimes.values():
             await runtime.close()
         for buf in self.logs.values():
             buf.close()
+            buf.end_followers()
+        self.bus.close()  # event streams (the dashboard) end too
 
     # ------------------------------------------------------------ Effects
 
     def start_engine(self, model_id: str) -> None:
-        model = self.config.models[model_id]
+        model = self.scheduler.models[model_id].model  # a reload may have replaced it
         port = self.ports.get(model_id)
         if port is None or not port_is_free(port):
             port = free_port(set(self.ports.values()))
         self.ports[model_id] = port
         run = EngineRun(self._ctx, model, port, new_key(model), self.logs[model_id])
         self.runs[model_id] = run
+        self._follow_load(model_id)
         run.launch()
 
     def stop_engine(self, model_id: str, reason: str) -> None:
@@ -221,6 +288,86 @@ class Supervisor:
         if self._watchers:  # called twice per request: free when nobody watches
             self._changed.set()
             self._changed = asyncio.Event()
+        # A state transition is published at once (rare, and metrics count them); minor
+        # changes (in-flight and queued counts, twice per request) only when someone
+        # streams events, and then at most every 100 ms per model.
+        state = self.scheduler.models[model_id].state
+        previous = self._published.get(model_id, State.STOPPED)
+        if state is not previous:
+            self._published[model_id] = state
+            self._transition(model_id, previous, state)
+            self._dirty.discard(model_id)
+            self.bus.publish(ModelChanged(self.model_view(model_id), previous.value))
+            self._publish_queue()
+        elif self.bus.watched:
+            self._dirty.add(model_id)
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(0.1, self._publish_dirty)
+
+    def _publish_dirty(self) -> None:
+        self._flush = None
+        dirty, self._dirty = self._dirty, set()
+        for mid in dirty:
+            self.bus.publish(ModelChanged(self.model_view(mid)))
+        self._publish_queue()
+
+    def _publish_queue(self) -> None:
+        if self.scheduler.queued != self._queued:
+            self._queued = self.scheduler.queued
+            self.bus.publish(QueueChanged(self._queued, self.scheduler.starting))
+
+    def _transition(self, model_id: str, previous: State, state: State) -> None:
+        if previous is State.STARTING:
+            load = self._loads.pop(model_id, None)
+            if load is not None:
+                with contextlib.suppress(ValueError):
+                    self.logs[model_id].listeners.remove(load[2])
+            if state is State.READY:
+                self.memory.load_finished(model_id)
+                record_load_time(self.data_dir, model_id,
+                                 self.scheduler.models[model_id].load_seconds)
+                self._sample_soon.set()
+        if state is State.STOPPED:
+            self.memory.stopped(model_id)
+
+    def _follow_load(self, model_id: str) -> None:
+        """Read the engine's log while it starts: its phase and percentage as events."""
+        old = self._loads.pop(model_id, None)
+        if old is not None:
+            with contextlib.suppress(ValueError):
+                self.logs[model_id].listeners.remove(old[2])
+        parser, began = ProgressParser(), time.monotonic()
+
+        def on_line(line: str) -> None:
+            if parser.feed(line):
+                self.bus.publish(LoadProgress(model_id, parser.phase, parser.percent,
+                                              time.monotonic() - began))
+
+        self._loads[model_id] = (parser, began, on_line)
+        self.logs[model_id].listeners.append(on_line)
+        self.memory.load_started(model_id)
+
+    async def _sample_memory(self) -> None:
+        """Measure the running engines every `memory_interval` (and just after a load)."""
+        await self.memory.start()
+        declared = {mid: m.memory_gb for mid, m in self.config.models.items()}
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sample_soon.wait(), self.memory_interval)
+            self._sample_soon.clear()
+            engines = {mid: run.engine for mid, run in self.runs.items()
+                       if run.engine is not None
+                       and self.scheduler.models[mid].state is not State.STOPPED}
+            if not engines:
+                continue
+            try:
+                moved = await self.memory.sample(engines, declared)
+            except Exception:  # measuring must never take the gateway down
+                log.exception("measuring memory failed")
+                continue
+            for mid in moved:
+                if self.scheduler.models[mid].state is not State.STOPPED:
+                    self.bus.publish(ModelChanged(self.model_view(mid)))
 
     def wake_at(self, when: float | None) -> None:
         # Lazy: keep an earlier timer; when it fires, tick() re-arms for the real deadline.

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     START_FAILED = "engine_failed"  # the engine exited or could not be launched
     START_TIMEOUT = "start_timeout"  # not healthy within health_timeout
     RUNTIME_UNAVAILABLE = "runtime_unavailable"  # Docker unreachable: fail closed
+    IMAGE_MISSING = "image_missing"  # the model's container image is not on this machine
     MEMORY_IN_USE = "memory_in_use"  # the machine lacks the free memory right now
     BACKING_OFF = "start_backoff"  # a start failed moments ago; not retried yet
 

@@ -12,30 +12,45 @@ The policy, top to bottom:
 2. Otherwise it waits in its model's queue, and the model joins the start queue (FIFO by
    first waiter). A starting model collects waiters; they are all granted when it is ready.
 3. Engine starts are serialised (concurrent starts on unified memory corrupt each
-   other's memory profiling). The head of the start queue plans its room with
-   `eviction.plan`: victims are marked leaving and stop as soon as their in-flight
-   requests end, never before. New requests for a leaving model queue behind the swap.
+   other's memory profiling). The head of the start queue plans its room with the
+   eviction `Policy` (eviction.py; ours unless another is given): victims are marked
+   leaving and stop as soon as their in-flight requests end, never before. New requests
+   for a leaving model queue behind the swap. A victim still inside its min_residency
+   is not marked yet: the head waits for the window to end, still first in line.
 4. A failed start answers every waiter with the error and backs off before the next try;
    the model is stopped again, never wedged.
 5. Ready models with no request in flight stop after their TTL; pinned models never idle
    out and are restarted whenever they fit without evicting anything.
+6. With `prewarm`, when nothing waits and nothing starts, the model its habit says is
+   next starts into free memory; any request that needs a start cancels it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from ..config import Model
-from ..errors import ApiError, retry_headers
-from .eviction import plan
+from . import invariants
+from .eviction import (
+    AUTO_RESIDENCY_MAX_S,
+    DEMAND_WINDOW_S,
+    CostAware,
+    DailyProfile,
+    Policy,
+    plan,
+)
+from .refusal import Reason, Refusal
 
 MAX_BACKOFF_S = 60.0
 DEFAULT_REQUEST_S = 15.0  # what we assume a request takes before we have measured any
+DEFAULT_LOAD_S = 60.0  # what we assume a start takes when neither measured nor declared
+PREWARM_HORIZON_S = 1800.0  # pre-warm a model likely to be asked for within this long
+PREWARM_LIKELIHOOD = 0.5  # ... on at least this share of the last days
 
 
 class State(StrEnum):
@@ -79,12 +94,24 @@ class ModelState:
     load_seconds: float | None = None
     stop_reason: str | None = None
     avg_request_s: float | None = None
+    measured_load_s: float | None = None  # the last start's duration, kept across runs
+    prewarmed: bool = False  # started ahead of demand; nobody has asked for it since
+    _demand: float = 0.0  # requests, decayed over DEMAND_WINDOW_S, as of _demand_at
+    _demand_at: float = 0.0
+    profile: DailyProfile | None = None  # its daily habit, kept when pre-warming may use it
+    replacement: Model | None = None  # a reloaded config, taken up once the engine stopped
+    removed: bool = False  # gone from the catalog: stops once idle, never starts again
 
     def __post_init__(self) -> None:
-        self.id = self.model.id
-        self.memory_gb = self.model.memory_gb
-        self.pinned = self.model.cfg.pinned
-        self.exclusive = self.model.cfg.exclusive
+        self.use(self.model)
+
+    def use(self, model: Model) -> None:
+        """Serve `model`'s catalog entry from now on (same id)."""
+        self.model = model
+        self.id = model.id
+        self.memory_gb = model.memory_gb
+        self.pinned = model.cfg.pinned
+        self.exclusive = model.cfg.exclusive
 
     @property
     def busy(self) -> bool:
@@ -103,12 +130,35 @@ class ModelState:
     def resident(self) -> bool:
         return self.state is not State.STOPPED
 
+    @property
+    def min_residency(self) -> float:
+        declared = self.model.min_residency
+        return min(AUTO_RESIDENCY_MAX_S, self.load_estimate) if declared is None else declared
+
+    @property
+    def load_estimate(self) -> float:
+        if self.measured_load_s is not None:
+            return self.measured_load_s
+        return self.model.cfg.load_seconds or DEFAULT_LOAD_S
+
+    def demand(self, now: float) -> float:
+        return self._demand * math.exp((self._demand_at - now) / DEMAND_WINDOW_S)
+
+    def note_request(self, now: float) -> None:
+        self._demand = self.demand(now) + 1.0
+        self._demand_at = now
+        self.prewarmed = False
+        if self.model.prewarm:
+            if self.profile is None:
+                self.profile = DailyProfile()
+            self.profile.note(now)
+
 
 class Effects(Protocol):
     def start_engine(self, model_id: str) -> None: ...
     def stop_engine(self, model_id: str, reason: str) -> None: ...
     def grant(self, ticket: Ticket) -> None: ...
-    def reject(self, ticket: Ticket, error: ApiError) -> None: ...
+    def reject(self, ticket: Ticket, refusal: Refusal) -> None: ...
     def changed(self, model_id: str) -> None: ...
     def wake_at(self, when: float | None) -> None: ...
 
@@ -124,8 +174,16 @@ class Scheduler:
         queue_timeout: float = 600.0,
         max_queue: int = 1000,
         start_backoff: float = 2.0,
+        policy: Policy | None = None,
+        load_times: Mapping[str, float] | None = None,
     ) -> None:
+        """`policy` chooses victims and protects fresh loads (ours unless given);
+        `load_times` are start durations measured by earlier runs, by model id."""
         self.models = {m.id: ModelState(m) for m in models}
+        for mid, seconds in (load_times or {}).items():
+            if mid in self.models:
+                self.models[mid].measured_load_s = seconds
+        self.policy: Policy = policy or CostAware()
         self.budget_gb = budget_gb
         self.effects = effects
         self.clock = clock
@@ -142,37 +200,37 @@ class Scheduler:
     # ------------------------------------------------------------ requests
 
     def submit(self, model_id: str, waiter: Any = None) -> Ticket:
-        """A request for `model_id` arrives. Raises ApiError if it is refused at once."""
+        """A request for `model_id` arrives. Raises Refusal if it is refused at once."""
         if self.shutting_down:
-            raise ApiError(503, "sparkstack is shutting down", "shutting_down")
+            raise Refusal(Reason.SHUTTING_DOWN, model_id)
         s = self.models[model_id]
         now = self.clock()
+        s.note_request(now)
         ticket = Ticket(model_id, now, now + self.queue_timeout, waiter)
         if s.state is State.READY and not s.leaving:
             self._grant(s, ticket, now)
             return ticket
+        if s.state is State.STOPPED and s.retry_at > now and s.last_error:
+            # A start failed moments ago: answer with its error rather than start the
+            # same broken engine again for each of the client's own retries.
+            raise Refusal(Reason.BACKING_OFF, model_id, retry_after=s.retry_at - now,
+                          error=s.last_error)
         if self.queued >= self.max_queue:
-            raise ApiError(
-                429, f"the request queue is full ({self.max_queue} waiting)", "queue_full",
-                retry_headers(self._expected_wait(self._busy_blockers(s))),
-            )
+            raise Refusal(Reason.QUEUE_FULL, model_id, queue_max=self.max_queue,
+                          retry_after=self._expected_wait(self._busy_blockers(s), s))
         if s.model.busy_policy == "reject" and s.state is not State.STARTING:
             busy = self._busy_blockers(s)
             if busy:
-                names = ", ".join(b.id for b in busy)
-                headers = retry_headers(self._expected_wait(busy))
-                headers["x-sparkstack-busy-models"] = ",".join(b.id for b in busy)
-                raise ApiError(
-                    429, f"model {model_id!r} cannot start now: memory is used by busy "
-                    f"model(s) {names}; retry in {headers['Retry-After']} s", "model_busy",
-                    headers,
-                )
+                raise Refusal(Reason.MODEL_BUSY, model_id, busy=[b.id for b in busy],
+                              retry_after=self._expected_wait(busy, s))
         s.waiters.append(ticket)
         self.queued += 1
         if s.state is not State.STARTING:
             self.pending.setdefault(model_id, None)
         self.effects.wake_at(ticket.deadline)
         self._schedule()
+        # Watchers see the new waiter and what it set in motion (victims marked leaving).
+        self.effects.changed(model_id)
         return ticket
 
     def finish(self, ticket: Ticket) -> None:
@@ -214,7 +272,7 @@ class Scheduler:
         now = self.clock()
         s.state = State.READY
         s.ready_at = s.last_used = now
-        s.load_seconds = now - s.started_at
+        s.load_seconds = s.measured_load_s = now - s.started_at
         s.failures = 0
         s.last_error = None
         self.starting = None
@@ -227,7 +285,7 @@ class Scheduler:
         self._wake_for_idle(s)
         self._schedule()
 
-    def engine_failed(self, model_id: str, error: ApiError) -> None:
+    def engine_failed(self, model_id: str, refusal: Refusal) -> None:
         """The start failed or timed out; the engine has already been stopped."""
         s = self.models[model_id]
         if s.state is not State.STARTING:
@@ -236,11 +294,11 @@ class Scheduler:
         s.failures += 1
         s.retry_at = now + min(MAX_BACKOFF_S, self.start_backoff * 2 ** (s.failures - 1))
         self.effects.wake_at(s.retry_at)
-        s.last_error = error.message
+        s.last_error = refusal.error or refusal.reason.value
         s.unload_requested = False
         self._set_stopped(s)
         self.pending.pop(model_id, None)
-        self._reject_all(s, error)
+        self._reject_all(s, refusal)
         self.effects.changed(model_id)
         self._schedule()
 
@@ -250,7 +308,8 @@ class Scheduler:
         if s.state is State.STOPPED:
             return
         if s.state is State.STARTING:
-            self.engine_failed(model_id, ApiError(502, error or "engine exited", "engine_failed"))
+            self.engine_failed(model_id, Refusal(Reason.START_FAILED, model_id,
+                                                 error=error or "the engine exited"))
             return
         if s.state is not State.STOPPING:
             s.last_error = error or "engine exited"
@@ -270,19 +329,56 @@ class Scheduler:
             return
         s.unload_requested = True
         if force:
-            self._reject_all(s, ApiError(503, f"model {model_id!r} was unloaded", "unloaded"))
+            self._reject_all(s, Refusal(Reason.UNLOADED, model_id))
             self._stop(s, "unloaded (forced)")
         else:
             self._stop_if_drained(s)
         self.effects.changed(model_id)
         self._schedule()
 
+    def reconfigure(self, models: Mapping[str, Model], restart: Set[str]) -> None:
+        """A reloaded catalog. Models in `restart` whose engine runs are stopped once
+        their in-flight requests end and come back with the new entry; models no longer
+        in `models` stop once idle and are never started again; new ones are available
+        at once; every other model takes its new entry now, its engine untouched."""
+        for mid, s in self.models.items():
+            new = models.get(mid)
+            if new is None:
+                s.removed = True
+                s.replacement = None
+                if s.resident:
+                    self._retire(s)
+                else:
+                    self._reject_all(s, Refusal(Reason.UNLOADED, mid))
+            elif mid in restart and s.resident:
+                s.removed = False
+                s.replacement = new
+                self._retire(s)
+            else:
+                s.removed = False
+                s.replacement = None
+                s.use(new)
+        for mid, model in models.items():
+            if mid not in self.models:
+                self.models[mid] = ModelState(model)
+        self.pinned = [s for s in self.models.values()
+                       if s.model.cfg.pinned and s.model.enabled and not s.removed]
+        for mid in self.models:
+            self.effects.changed(mid)
+        self._schedule()
+
+    def _retire(self, s: ModelState) -> None:
+        """Stop `s` once its in-flight requests end (an unload that waits)."""
+        if s.state is State.STOPPING:
+            return
+        s.unload_requested = True
+        self._stop_if_drained(s)
+
     def shutdown(self) -> None:
         """Refuse new requests and answer every waiter; running requests go on."""
         self.shutting_down = True
-        error = ApiError(503, "sparkstack is shutting down", "shutting_down")
         for s in self.models.values():
-            self._reject_all(s, error)
+            self._reject_all(s, Refusal(Reason.SHUTTING_DOWN, s.id))
 
     def stop_all(self, reason: str = "shutdown", keep: Set[str] = frozenset()) -> None:
         for s in list(self.residents.values()):
@@ -309,24 +405,27 @@ class Scheduler:
         """Time passed: idle TTLs, queue timeouts and start back-offs may have expired."""
         now = self.clock()
         for s in list(self.residents.values()):
-            if self._idle_deadline(s) <= now:
+            if self.idle_deadline(s) <= now:
                 self._stop(s, "idle")
         for mid in list(self.pending):
             s = self.models[mid]
             if s.waiters and s.waiters[0].deadline <= now:
                 busy = self._busy_blockers(s)
-                names = ", ".join(b.id for b in busy) or "other models"
-                self._reject_all(s, ApiError(
-                    429, f"model {mid!r} waited {self.queue_timeout:.0f} s (queue_timeout) for "
-                    f"memory held by {names}", "queue_timeout",
-                    retry_headers(self._expected_wait(busy))), expired_by=now)
+                self._reject_all(s, Refusal(
+                    Reason.QUEUE_TIMEOUT, mid, busy=[b.id for b in busy],
+                    waited_s=self.queue_timeout, retry_after=self._expected_wait(busy, s)),
+                    expired_by=now)
         self._schedule()
         self.effects.wake_at(self.next_deadline())
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the state breaks a rule (scheduler/invariants.py)."""
+        invariants.check(self)
 
     def next_deadline(self) -> float | None:
         """The earliest idle TTL, queue timeout or back-off. A full scan: only tick() runs
         it; every event that creates a deadline reports it through wake_at itself."""
-        deadlines = [self._idle_deadline(s) for s in self.residents.values()]
+        deadlines = [self.idle_deadline(s) for s in self.residents.values()]
         for mid in self.pending:
             s = self.models[mid]
             deadlines.append(s.waiters[0].deadline)
@@ -346,14 +445,23 @@ class Scheduler:
         was_evicting = [s for s in self.residents.values() if s.evicting]
         for s in was_evicting:
             s.evicting = None
+        if (self.starting is not None and self.models[self.starting].prewarmed
+                and any(self.models[m].retry_at <= now for m in self.pending)):
+            # A real request needs the start slot: a guess never makes anyone wait.
+            self._stop(self.models[self.starting], "pre-warm cancelled")
         target = self._next_start(now)
         while target is not None:
-            victims = plan(target.model.memory_gb, target.model.cfg.exclusive,
-                           self.residents.values(), self.budget_gb)
+            victims = self.policy.victims(target, self.residents.values(), self.budget_gb, now)
             if victims is None:  # can never fit: refuse it and let the next one plan
                 self._refuse_never_fits(target)
                 target = self._next_start(now)
                 continue
+            hold = max((self.policy.hold_until(self.residents[v], target, now)
+                        for v in victims), default=0.0)
+            if hold > now:  # a fresh load serves on (min_residency): the start waits,
+                if hold != math.inf:  # still first in line
+                    self.effects.wake_at(hold)
+                break
             for vid in victims:
                 self.residents[vid].evicting = target.id
                 self._stop_if_drained(self.residents[vid])
@@ -371,6 +479,8 @@ class Scheduler:
                 self.effects.changed(s.id)
         if self.starting is None and not self.pending:
             self._start_pinned(now)
+        if self.starting is None and not self.pending:
+            self._prewarm(now)
 
     def _next_start(self, now: float) -> ModelState | None:
         """The head of the start queue, skipping models in back-off or still stopping."""
@@ -391,22 +501,49 @@ class Scheduler:
                     self._start(s, now)
                     return
 
+    def _prewarm(self, now: float) -> None:
+        """Nothing waits and no start runs: start the `prewarm` model most likely to be
+        asked for within PREWARM_HORIZON_S (by its habit at this time of day), if that is
+        likely enough and it fits in free memory. Never evicts; any real request that
+        needs a start cancels it; a pre-warm left unused until its TTL is not repeated
+        until the model is asked for again."""
+        best, best_p, any_habit = None, PREWARM_LIKELIHOOD, False
+        free = self._free_gb()
+        for s in self.models.values():
+            if s.profile is None or not s.model.prewarm or not s.model.enabled or s.removed:
+                continue
+            any_habit = True
+            if (s.state is not State.STOPPED or s.retry_at > now or s.memory_gb > free + 1e-9
+                    or (s.prewarmed and s.stop_reason == "idle")):
+                continue
+            p = s.profile.likelihood(now, PREWARM_HORIZON_S)
+            if p >= best_p and plan(s.memory_gb, s.exclusive, self.residents.values(),
+                                    self.budget_gb) == []:
+                best, best_p = s, p
+        if best is not None:
+            self._start(best, now)
+            best.prewarmed = True
+        elif any_habit:  # habits move with the clock: look again at the next quarter hour
+            slot = DailyProfile.SLOT_S
+            self.effects.wake_at((now // slot + 1) * slot)
+
     def _refuse_never_fits(self, s: ModelState) -> None:
-        error = ApiError(
-            503, f"model {s.id!r} needs {s.model.memory_gb:g} GB but the memory budget is "
-            f"{self.budget_gb:g} GB", "insufficient_memory")
-        s.last_error = error.message
-        self._reject_all(s, error)
+        s.last_error = (f"needs {s.model.memory_gb:g} GB but the memory budget is "
+                        f"{self.budget_gb:g} GB")
+        self._reject_all(s, Refusal(Reason.NEVER_FITS, s.id, needed_gb=s.model.memory_gb,
+                                    budget_gb=self.budget_gb))
 
     # ------------------------------------------------------------ transitions
 
-    def _reject_all(self, s: ModelState, error: ApiError, expired_by: float | None = None) -> None:
-        """Answer the model's waiters with `error` (only those past their deadline, if given)."""
+    def _reject_all(
+        self, s: ModelState, refusal: Refusal, expired_by: float | None = None
+    ) -> None:
+        """Answer the model's waiters with `refusal` (only those past their deadline, if given)."""
         while s.waiters and (expired_by is None or s.waiters[0].deadline <= expired_by):
             t = s.waiters.popleft()
             self.queued -= 1
             t.status = "done"
-            self.effects.reject(t, error)
+            self.effects.reject(t, refusal)
         if not s.waiters:
             self.pending.pop(s.id, None)
 
@@ -451,15 +588,20 @@ class Scheduler:
         s.unload_requested = False
         s.evicting = None
         self.residents.pop(s.id, None)
+        if s.replacement is not None:  # a reload changed its engine: the next start uses it
+            s.use(s.replacement)
+            s.replacement = None
+        if s.removed:
+            self._reject_all(s, Refusal(Reason.UNLOADED, s.id))
 
     # ------------------------------------------------------------ views
 
     def _wake_for_idle(self, s: ModelState) -> None:
-        when = self._idle_deadline(s)
+        when = self.idle_deadline(s)
         if when != math.inf:
             self.effects.wake_at(when)
 
-    def _idle_deadline(self, s: ModelState) -> float:
+    def idle_deadline(self, s: ModelState) -> float:
         if (s.state is not State.READY or s.active or s.leaving or s.model.cfg.pinned
                 or s.model.ttl <= 0):
             return math.inf
@@ -469,22 +611,26 @@ class Scheduler:
         return self.budget_gb - sum(s.model.memory_gb for s in self.residents.values())
 
     def _busy_blockers(self, s: ModelState) -> list[ModelState]:
-        """Busy models this request would wait for before its model can start."""
+        """Models this request would wait for before its model can start: busy ones, and
+        fresh loads still inside their min_residency."""
         if s.state is State.READY:
             return [s] if s.active else []
-        victims = plan(s.model.memory_gb, s.model.cfg.exclusive, self.residents.values(),
-                       self.budget_gb) or []
+        now = self.clock()
+        victims = self.policy.victims(s, self.residents.values(), self.budget_gb, now) or []
         leaving = [r.id for r in self.residents.values() if r.leaving]
-        return [self.residents[v] for v in dict.fromkeys(victims + leaving)
-                if self.residents[v].active]
+        return [r for r in (self.residents[v] for v in dict.fromkeys(victims + leaving))
+                if r.active or (not r.leaving and self.policy.hold_until(r, s, now) > now)]
 
-    def _expected_wait(self, busy: list[ModelState]) -> float:
-        """Honest guess of when the busy models free up: their typical request length
-        minus how long their oldest request has run."""
+    def _expected_wait(self, busy: list[ModelState], target: ModelState) -> float:
+        """Honest guess of when the blockers free up: their typical request length minus
+        how long their oldest request has run, or the end of their min_residency."""
         now = self.clock()
         wait = 1.0
         for s in busy:
-            typical = s.avg_request_s or DEFAULT_REQUEST_S
-            oldest = min((t.granted_at for t in s.active), default=now)
-            wait = max(wait, typical - (now - oldest))
+            if s.active:
+                typical = s.avg_request_s or DEFAULT_REQUEST_S
+                oldest = min((t.granted_at for t in s.active), default=now)
+                wait = max(wait, typical - (now - oldest))
+            if not s.leaving:
+                wait = max(wait, self.policy.hold_until(s, target, now) - now)
         return wait
