@@ -26,6 +26,10 @@ from sparkstack.runtime.docker import LABEL_MODEL
 from sparkstack.scheduler import ModelState, State
 from sparkstack.supervisor import Supervisor
 
+# Every scheduler the tests drive, in-process or in a subprocess gateway, checks its
+# invariants after each event (scheduler/invariants.py).
+os.environ.setdefault("SPARKSTACK_DEBUG", "1")
+
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 KEY = "sk-test-key-0123456789"
 
@@ -60,7 +64,8 @@ def write_config(tmp_path: Path, models: str) -> Path:
     """A config file for a gateway run as a subprocess: the test key, a 4 GB budget, data
     under tmp_path, and `models` (YAML of the models, indented or not)."""
     path = tmp_path / "sparkstack.yaml"
-    path.write_text(f"api_keys: [{KEY}]\nmemory_gb: 4\ndata_dir: {tmp_path / 'data'}\n"
+    path.write_text(f"api_keys: [{KEY}]\nmemory_gb: 4\nmin_residency: 0s\n"
+                    f"data_dir: {tmp_path / 'data'}\n"
                     "models:\n" + textwrap.indent(textwrap.dedent(models).strip("\n"), "  ")
                     + "\n")
     return path
@@ -196,7 +201,9 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         if isinstance(models, Config):
             config = models
         else:
-            settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, **settings}
+            # Swaps happen at once unless a test asks for min_residency (its own tests).
+            settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, "min_residency": "0s",
+                        **settings}
             text = "".join(f"{k}: {v}\n" for k, v in settings.items())
             text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
             path = tmp_path / "sparkstack.yaml"

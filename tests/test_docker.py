@@ -148,7 +148,7 @@ async def test_missing_image_names_the_image_and_the_fix(start_gateway, tmp_path
     status, body = await gw.chat("ghost")
     assert status == 502 and body["error"]["code"] == "image_missing"
     assert "sparkstack/nope:0" in body["error"]["message"]
-    assert "docker build" in body["error"]["message"]
+    assert "no Dockerfile for it in" in body["error"]["message"], "the fix is named"
     with pytest.raises(aiodocker.DockerError):
         await info(docker, "ghost")
 

@@ -254,14 +254,13 @@ def test_responses_and_completions_bound_their_own_fields():
     assert tokens.exact and tokens.body["max_tokens"] == 10, "token ids are counted exactly"
 
 
-def test_llama_cpp_slots_share_the_context():
+def test_a_llama_cpp_request_may_use_the_whole_max_model_len():
+    """The template gives each of llama-server's slots max_model_len tokens, so the limit
+    a request is shaped against is the context /v1/models advertises."""
     model = one(engine="llamacpp", weights="w", max_model_len=4096, args=["--parallel", "2"])
-    assert rules_for(model).context == 2048
-    unified = one(engine="llamacpp", weights="w", max_model_len=4096,
-                  args=["--parallel", "2", "--kv-unified"])
-    assert rules_for(unified).context == 4096
-    shaped = run(chat(("user", "hi")), model, prompt_tokens=3000)
-    assert "m accepts 2048 (max_model_len 4096 over --parallel 2" in shaped.overflow.message
+    assert rules_for(model).context == 4096
+    shaped = run(chat(("user", "hi")), model, prompt_tokens=5000)
+    assert "m accepts 4096 (max_model_len 4096" in shaped.overflow.message
 
 
 def test_estimates_count_text_not_base64_images():

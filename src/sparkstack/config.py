@@ -20,9 +20,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .telemetry.memory import machine_total_gb
@@ -99,12 +102,35 @@ def _keys(value: Any) -> Any:
 
 
 class ApiKey(BaseModel):
-    """A key limited to some models (`models: ["*"]` or absent means all)."""
+    """A client's key: inline (`key`), in a file (`key_file`, read at load, so the config
+    can be shared without the secret) or in an environment variable (`key_env`). `name`
+    stands for the key in logs and telemetry; `models` limits it (`["*"]`: all);
+    `max_concurrent` and `rpm` bound its in-flight requests and requests per minute."""
 
     model_config = ConfigDict(extra="forbid")
-    key: str = Field(min_length=8)
-    name: str = ""
+    name: str = Field(default="", max_length=64)  # `key<N>` (its place in the list) if unset
+    key: str | None = Field(default=None, min_length=8, repr=False)  # never in a repr
+    key_file: str | None = None
+    key_env: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"])
+    max_concurrent: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        given = [f for f in ("key", "key_file", "key_env") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of key, key_file or key_env"
+                             + (f" (got {' and '.join(given)})" if given else ""))
+        return self
+
+
+# A mapping is a key with options, anything else a plain key: so a bad entry gets the
+# errors of one branch, not of both.
+KeyEntry = Annotated[
+    Annotated[ApiKey, Tag("ApiKey")] | Annotated[str, Tag("str")],
+    Discriminator(lambda v: "ApiKey" if isinstance(v, dict | ApiKey) else "str"),
+]
 
 
 # Browsers and editor webviews that may call the gateway (SPEC 9): localhost on any port,
@@ -181,6 +207,21 @@ class Requires(BaseModel):
         return v.strip() if isinstance(v, str) else v
 
 
+class Peer(BaseModel):
+    """Another sparkstack (the second Spark): its models are served through this one."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    url: str = Field(pattern=r"^https?://")  # its gateway, e.g. http://10.0.0.2:8009
+    key: str | None = Field(default=None, repr=False)  # an API key of the peer
+    key_env: str | None = None  # ...or the environment variable holding it
+
+    def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
+        if self.key:
+            return self.key
+        return (os.environ if env is None else env).get(self.key_env or "") or None
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -200,6 +241,7 @@ class ModelConfig(BaseModel):
     load_seconds: Duration | None = Field(default=None, gt=0)
     health_timeout: Duration = 900.0
     stop_timeout: Duration = 10.0
+    stream_idle_timeout: Duration | None = None  # global stream_idle_timeout unless set
     aliases: list[str] = Field(default_factory=list)
     pinned: bool = False
     exclusive: bool = False
@@ -222,6 +264,7 @@ class ModelConfig(BaseModel):
     ipc: str | None = None
     serve_style: Literal["vllm", "model-flag"] = "vllm"
     drop_page_cache: bool = False
+    node: str | None = None  # the node that runs it (node_name or a peer); unset: this one
     shaping: Shaping = Field(default_factory=Shaping)
     context_fallback: str | None = None  # a model with a longer context serves long prompts
     early_headers: bool | None = None  # global early_headers unless set
@@ -291,8 +334,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = DEFAULT_LISTEN
-    api_keys: Annotated[list[str | ApiKey], BeforeValidator(_keys)] = Field(default_factory=list)
-    admin_keys: Annotated[list[str], BeforeValidator(_keys)] = Field(default_factory=list)
+    # Secrets: kept out of reprs (a logged or printed Settings shows no key).
+    api_keys: Annotated[list[KeyEntry], BeforeValidator(_keys)] = Field(
+        default_factory=list, repr=False)
+    admin_keys: Annotated[list[str], BeforeValidator(_keys)] = Field(
+        default_factory=list, repr=False)
     memory_gb: float | Literal["auto"] = "auto"
     memory_total_gb: float | Literal["auto"] = "auto"
     memory_reserve_gb: float = Field(default=4.0, ge=0)
@@ -307,10 +353,27 @@ class Settings(BaseModel):
     start_backoff: Duration = 2.0
     shutdown_timeout: Duration = 30.0
     keepalive_interval: Duration = 5.0
+    # An engine that sends nothing for this long (no header, no chunk) is abandoned: the
+    # client gets `engine_stalled`. Long on purpose: a reasoning model's prefill of a big
+    # prompt sends nothing for minutes, and a non-streamed answer's first byte is its
+    # last. 0 = never.
+    stream_idle_timeout: Duration = 300.0
     max_body_mb: float = Field(default=100.0, gt=0)
+    # A client silent this long while sending its headers or body is cut off (408), and
+    # an idle keep-alive connection closed: slow clients cannot hold connections.
+    client_body_timeout: Duration = Field(default=60.0, gt=0)
     cors_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
     early_headers: bool = False
     data_dir: str | None = None
+    # Monitoring (docs/monitoring.md): /metrics without a key; how much activity to keep.
+    metrics_public: bool = False
+    activity_max_rows: int = Field(default=100_000, ge=100)
+    activity_max_days: float = Field(default=30.0, gt=0)
+    # Two Sparks (docs/two-sparks.md): this node's name, and the other nodes whose models
+    # this gateway serves too. A model with `node: <peer>` runs there, not here.
+    node_name: str = "local"
+    peers: list[Peer] = Field(default_factory=list)
+    peer_poll_interval: Duration = Field(default=5.0, gt=0)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")
@@ -425,6 +488,7 @@ class Model:
     min_residency: float | None = None  # not evicted for another model sooner after a
     # load; None: auto (the scheduler's share of its load time)
     prewarm: bool = False  # may be started ahead of demand, into free memory only
+    stream_idle_timeout: float = 300.0  # abandon an engine silent this long (0 = never)
 
     @property
     def served_name(self) -> str:
@@ -443,6 +507,7 @@ class Config:
     path: Path | None
     warnings: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
+    placed: dict[str, str] = field(default_factory=dict)  # model id → the peer it runs on
 
     def resolve(self, name: str) -> Model | None:
         """A catalog id, an alias or a served name → the model, or None."""
@@ -456,7 +521,12 @@ class Config:
         return str(self.path) if self.path else "<built-in>"
 
 
-def _format_error(source: str, err: dict[str, Any]) -> str:
+def key_entry(index: int, name: str = "") -> str:
+    """How a problem names an `api_keys` entry: its place and its name, never its key."""
+    return f"field 'api_keys', entry {index + 1}" + (f" ({name!r})" if name else "")
+
+
+def _format_error(source: str, err: dict[str, Any], raw: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     # Pydantic names union branches and validators in the location; users need the field.
     loc = [p for p in loc if not p.startswith(("function-", "str", "ApiKey", "literal["))]
@@ -465,6 +535,12 @@ def _format_error(source: str, err: dict[str, Any]) -> str:
         msg = "unknown key (check the spelling; see docs/configuration.md)"
     if loc[:1] == ["models"] and len(loc) >= 2:
         where = f"model {loc[1]!r}" + (f", field {'.'.join(loc[2:])!r}" if loc[2:] else "")
+    elif loc[:1] == ["api_keys"] and len(loc) >= 2 and loc[1].isdigit():
+        entries = _keys(raw.get("api_keys"))
+        entry = entries[int(loc[1])] if isinstance(entries, list) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = key_entry(int(loc[1]), name if isinstance(name, str) else "") + (
+            f", field {'.'.join(loc[2:])!r}" if loc[2:] else "")
     else:
         where = f"field {'.'.join(loc)!r}" if loc else "top level"
     return f"{source}: {where}: {msg}"
@@ -552,7 +628,8 @@ def load_config(
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_format_error(source, err) for err in e.errors()] + problems) from e
+        raise ConfigError([_format_error(source, err, raw) for err in e.errors()]
+                          + problems) from e
     if problems:
         raise ConfigError(problems)
 
@@ -563,7 +640,18 @@ def load_config(
                     else machine_total_gb())
     models: dict[str, Model] = {}
     aliases: dict[str, str] = {}
+    placed: dict[str, str] = {}
+    peer_names = {p.name for p in settings.peers}
+    if settings.node_name in peer_names:
+        problems.append(f"{source}: field 'peers': {settings.node_name!r} is this node's own "
+                        "name (node_name)")
     for model_id, cfg in settings.models.items():
+        if cfg.node is not None and cfg.node != settings.node_name:
+            if cfg.node not in peer_names:
+                problems.append(f"{source}: model {model_id!r}, field 'node': {cfg.node!r} is "
+                                f"neither this node ({settings.node_name!r}) nor a peer")
+            placed[model_id] = cfg.node  # the peer runs it; this gateway relays to it
+            continue
         if not MODEL_ID.match(model_id):
             problems.append(
                 f"{source}: model {model_id!r}: an id may hold letters, digits and . _ : - only"
@@ -583,6 +671,8 @@ def load_config(
             min_residency=_residency(settings.min_residency if cfg.min_residency is None
                                      else cfg.min_residency),
             prewarm=settings.prewarm if cfg.prewarm is None else cfg.prewarm,
+            stream_idle_timeout=(settings.stream_idle_timeout if cfg.stream_idle_timeout is None
+                                 else cfg.stream_idle_timeout),
         )
     for model_id, m in models.items():
         names = list(m.cfg.aliases)
@@ -610,26 +700,73 @@ def load_config(
                     f"{source}: model {m.id!r}, field 'memory_gb': {m.memory_gb:g} GB does not fit "
                     f"the budget memory_gb={settings.memory_gb:g}"
                 )
-    key_values = [k if isinstance(k, str) else k.key for k in settings.api_keys]
-    for k in settings.api_keys:
+    key_problems, warnings = _resolve_keys(source, settings, base_dir, env)
+    problems += key_problems
+    for i, k in enumerate(settings.api_keys):
         if isinstance(k, ApiKey):
             for name in k.models:
                 if name != "*" and name not in models and name not in aliases:
-                    problems.append(
-                        f"{source}: field 'api_keys': key {k.name or '…'!r} names unknown "
-                        f"model {name!r}"
-                    )
-    for k in key_values + settings.admin_keys:
-        if len(k) < 8:
-            problems.append(f"{source}: field 'api_keys': a key must have at least 8 characters")
-            break
+                    problems.append(f"{source}: {key_entry(i, k.name)}: names unknown "
+                                    f"model {name!r}")
     if problems:
         raise ConfigError(problems)
-    warnings = [
+    warnings += [
         f"{source}: environment variable {name} is not set (expanded to an empty string)"
         for name in sorted(unset)
     ]
     return Config(
         settings=settings, models=models, path=Path(path) if path else None,
-        warnings=warnings, aliases=aliases,
+        warnings=warnings, aliases=aliases, placed=placed,
     )
+
+
+def _resolve_keys(source: str, settings: Settings, base_dir: Path, env: Mapping[str, str]
+                  ) -> tuple[list[str], list[str]]:
+    """Read every `key_file` and `key_env` into `key` and name every entry (`key<N>` by
+    its place), in place; (problems, warnings). Messages name entries, never keys."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    names: dict[str, int] = {}
+    values: dict[str, int] = {}
+    for i, k in enumerate(settings.api_keys):
+        where = f"{source}: {key_entry(i, k.name if isinstance(k, ApiKey) else '')}"
+        name = (k.name if isinstance(k, ApiKey) else "") or f"key{i + 1}"
+        if name in names:
+            problems.append(f"{where}: the name {name!r} is taken by entry "
+                            f"{names[name] + 1} (names stand for keys in logs)")
+        names.setdefault(name, i)
+        value: str | None = k if isinstance(k, str) else k.key
+        if isinstance(k, ApiKey) and k.key_file is not None:
+            file = Path(k.key_file).expanduser()
+            file = file if file.is_absolute() else base_dir / file
+            try:
+                value = file.read_text(encoding="utf-8").strip()
+                if file.stat().st_mode & 0o077:
+                    warnings.append(f"{where}: key_file {str(file)!r} is readable by other "
+                                    f"users (chmod 600 {file})")
+            except (OSError, UnicodeDecodeError) as e:
+                problems.append(f"{where}: cannot read key_file {str(file)!r}: "
+                                f"{getattr(e, 'strerror', None) or e}")
+                continue
+            if not value:
+                problems.append(f"{where}: key_file {str(file)!r} is empty")
+                continue
+        elif isinstance(k, ApiKey) and k.key_env is not None:
+            value = env.get(k.key_env, "").strip()
+            if not value:
+                problems.append(f"{where}: environment variable {k.key_env} (key_env) is "
+                                "not set")
+                continue
+        assert value is not None
+        if len(value) < 8:
+            problems.append(f"{where}: a key must have at least 8 characters")
+        elif value in values:
+            problems.append(f"{where}: the same key as entry {values[value] + 1}")
+        values.setdefault(value, i)
+        if isinstance(k, ApiKey):
+            settings.api_keys[i] = k.model_copy(update={"key": value, "name": name})
+    for i, a in enumerate(settings.admin_keys):
+        if len(a) < 8:
+            problems.append(f"{source}: field 'admin_keys', entry {i + 1}: a key must have "
+                            "at least 8 characters")
+    return problems, warnings

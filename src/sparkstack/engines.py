@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import redact
 from .config import Model, substitute_port
 from .runtime.base import LaunchSpec, StartError
 
@@ -34,6 +35,21 @@ class Upstream:
     headers: dict[str, str]
 
 
+# The catalog fields an engine run is made from: a reload that changes one of them
+# restarts the model (once idle); any other change (ttl, aliases, notes, memory_gb...)
+# takes effect at once, the engine untouched (llama-swap restarts every model).
+ENGINE_FIELDS = frozenset({
+    "runtime", "engine", "command", "weights", "args", "gpu_memory_utilization",
+    "upstream", "health", "max_model_len", "served_name", "env", "cwd", "image", "volumes",
+    "gpus", "shm_size", "ulimits", "ipc", "serve_style", "drop_page_cache",
+})
+
+
+def engine_identity(model: Model) -> dict[str, object]:
+    return {"base_dir": str(model.base_dir),
+            **model.cfg.model_dump(include=set(ENGINE_FIELDS))}
+
+
 def templated(model: Model) -> bool:
     return model.cfg.command is None and model.cfg.engine != "custom"
 
@@ -47,6 +63,9 @@ def new_key(model: Model) -> str | None:
 
 
 def upstream_for(model: Model, port: int, key: str | None) -> Upstream:
+    # Every key a run uses passes here (fresh, adopted or from a re-used container):
+    # from now on it is masked in our logs and in the engine's own output.
+    redact.register(key)
     cfg = model.cfg
     base = substitute_port(cfg.upstream, port) if cfg.upstream else f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}

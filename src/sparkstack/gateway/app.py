@@ -17,13 +17,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..config import Config, Model
-from ..errors import ApiError
-from ..scheduler import ModelState, State
+from .. import redact
+from ..config import Config, ConfigError, Model, load_config
+from ..errors import ApiError, shown
 from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
-from . import cors, shaping
-from .auth import Caller, Keyring
+from ..telemetry.progress import describe, format_duration
+from ..views import ModelView
+from . import accounting, cors, monitor, openapi, shaping
+from .auth import CALLER, Caller, Keyring
+from .limits import read_body
+from .peers import Peers, PeerState, relayed, unavailable
 from .proxy import (
     end_in_band,
     new_client_session,
@@ -48,6 +52,7 @@ KEYS = web.AppKey("keys", Keyring)
 CONFIG = web.AppKey("config", Config)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
+PEERS = web.AppKey("peers", Peers)
 # Headers every response to a request carries, streamed ones included (set before the
 # status line goes out, by `_extra_headers`).
 EXTRA_HEADERS = web.RequestKey("extra_headers", dict[str, str])
@@ -67,17 +72,22 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
         if e.status < 400:
             raise
         message = {
-            404: f"no route for {request.method} {request.path}",
-            405: f"method {request.method} is not allowed on {request.path}",
+            404: f"no route for {request.method} {shown(request.path)}",
+            405: f"method {request.method} is not allowed on {shown(request.path)}",
             413: "request body too large (max_body_mb)",
         }.get(e.status, e.reason)
         err = ApiError(e.status, message, e.reason.lower().replace(" ", "_"))
         return web.json_response(err.body(), status=e.status)
+    except Exception:  # a bug of ours: still an answer in the OpenAI shape, and a log
+        log.exception("unexpected error on %s %s", request.method, request.path[:200])
+        err = ApiError(500, "internal error in sparkstack (the gateway log has the details)",
+                       "internal_error")
+        return web.json_response(err.body(), status=500)
 
 
 def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.Application:
     app = web.Application(
-        middlewares=[openai_errors],
+        middlewares=[openai_errors, keys.middleware],  # keys: every route but /healthz
         client_max_size=int(config.settings.max_body_mb * 1024 * 1024),
     )
     app[SUPERVISOR] = supervisor
@@ -85,14 +95,19 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
     app[CONFIG] = config
     app[STARTED] = time.time()
 
+    app[PEERS] = Peers(config)
+
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CLIENT] = new_client_session()
+        app[PEERS].start(app[CLIENT])
         yield
+        await app[PEERS].close()
         await app[CLIENT].close()
 
     app.cleanup_ctx.append(client_ctx)
     app.on_response_prepare.append(_extra_headers)
     cors.install(app, config.settings.cors_origins)
+    monitor.install(app, config, supervisor, keys)  # /metrics, /api/events, the dashboard
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/v1/models", list_models)
@@ -104,6 +119,8 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
     r.add_post("/api/models/{model}/load", api_load)
     r.add_post("/api/models/{model}/unload", api_unload)
     r.add_get("/api/models/{model}/logs", api_logs)
+    r.add_post("/api/reload", api_reload)
+    r.add_get("/openapi.json", openapi.openapi_json)
     return app
 
 
@@ -115,13 +132,14 @@ async def model_endpoint(request: web.Request) -> web.StreamResponse:
 
 
 async def path_form_endpoint(request: web.Request) -> web.StreamResponse:
-    config = request.app[CONFIG]
-    split = split_path_form(request.match_info["tail"], lambda n: config.resolve(n) is not None)
+    config, peers = request.app[CONFIG], request.app[PEERS]
+    split = split_path_form(request.match_info["tail"], lambda n: config.resolve(n) is not None
+                            or (not relayed(request) and peers.route(n) is not None))
     if split is None:
         tail = request.match_info["tail"]
         first = tail.split("/", 1)[0]
         if config.resolve(first) is None and "/" in tail:
-            raise ApiError(404, f"model {first!r} does not exist; GET /v1/models lists "
+            raise ApiError(404, f"model {shown(first)} does not exist; GET /v1/models lists "
                            "the models", "model_not_found")
         raise web.HTTPNotFound()
     name, endpoint = split
@@ -129,13 +147,26 @@ async def path_form_endpoint(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(request: web.Request, endpoint: str, path_model: str | None) -> web.StreamResponse:
-    caller = request.app[KEYS].authenticate(request)
-    body = await request.read()
+    # The key's limits hold from here until the request ends, however it ends.
+    with request.app[KEYS].limits.admit(request[CALLER]):
+        # Its record (telemetry) is published however it ends.
+        return await accounting.observe(request, request.app[SUPERVISOR].bus,
+                                        _serve_admitted(request, endpoint, path_model))
+
+
+async def _serve_admitted(request: web.Request, endpoint: str, path_model: str | None
+                          ) -> web.StreamResponse:
+    caller = request[CALLER]
+    body = await read_body(request, request.app[CONFIG].settings.client_body_timeout)
     req = parse_body(body, request.headers.get("Content-Type", ""))
     name = path_model or req.name
     if not name:
         raise ApiError(400, "the request names no model: set 'model' in the body, or use "
                        "/v1/<model>/...", "model_required")
+    if request.app[CONFIG].resolve(name) is None and not relayed(request):
+        peer = request.app[PEERS].route(name)
+        if peer is not None:
+            return await _serve_on_peer(request, peer, req, endpoint, name)
     model = _model(request, name)
     Keyring.authorize(caller, model.id)
     if not model.enabled:
@@ -144,6 +175,7 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
     _require_capability(request.app[CONFIG], model, endpoint)
     if req.payload is not None:
         model = await _shape(request, caller, req, endpoint, model)
+    meter = accounting.begin(request, req, endpoint, model.id)
     body = req.with_model(model.served_name)
     supervisor = request.app[SUPERVISOR]
     ticket = supervisor.submit(model.id)
@@ -163,9 +195,26 @@ async def _serve(request: web.Request, endpoint: str, path_model: str | None) ->
         else:
             upstream = await supervisor.wait(ticket)
         return await relay(request, request.app[CLIENT], upstream, endpoint, body,
-                           model.id, opened)
+                           model.id, opened, model.stream_idle_timeout, meter)
     finally:
         supervisor.finish(ticket)
+
+
+async def _serve_on_peer(request: web.Request, peer: PeerState, req: ModelRequest,
+                         endpoint: str, name: str) -> web.StreamResponse:
+    """Relay to the peer whose model it is (one hop; it shapes and schedules itself)."""
+    Keyring.authorize(request[CALLER], name)
+    upstream = request.app[PEERS].upstream(peer)
+    meter = accounting.begin(request, req, endpoint, name)
+    body = req.with_model(name)
+    try:
+        return await relay(request, request.app[CLIENT], upstream, endpoint, body, name,
+                           None, request.app[CONFIG].settings.stream_idle_timeout, meter)
+    except ApiError as e:
+        if e.code != "engine_unreachable":
+            raise
+        peer.healthy, peer.last_error = False, e.message
+        raise unavailable(peer) from e
 
 
 async def _shape(request: web.Request, caller: Caller, req: ModelRequest, endpoint: str,
@@ -212,9 +261,11 @@ def _require_capability(config: Config, model: Model, endpoint: str) -> None:
 async def _wait_streaming(
     request: web.Request, resp: web.StreamResponse, fut: asyncio.Future[Any], model_id: str
 ) -> Any:
-    """Wait for the grant, sending `: loading <model> <n>s` comments so that clients and
-    tunnels keep the connection. A refusal becomes an error event."""
+    """Wait for the grant, sending `: loading <model> 45% (weights) 3m12s` comments (the
+    load's progress when the engine tells it, and how long this request has waited) so
+    that clients and tunnels keep the connection. A refusal becomes an error event."""
     interval = request.app[CONFIG].settings.keepalive_interval
+    supervisor = request.app[SUPERVISOR]
     loop = asyncio.get_running_loop()
     began = loop.time()
     await resp.write(f": loading {model_id}\n\n".encode())
@@ -222,11 +273,16 @@ async def _wait_streaming(
         done, _ = await asyncio.wait({fut}, timeout=interval)
         if done:
             break
-        await resp.write(f": loading {model_id} {loop.time() - began:.0f}s\n\n".encode())
+        view = supervisor.model_view(model_id)
+        progress = describe(view.load_phase, view.load_percent)
+        await resp.write(f": loading {model_id} {progress + ' ' if progress else ''}"
+                         f"{format_duration(loop.time() - began)}\n\n".encode())
     try:
         return fut.result()
     except Refusal as r:
-        await resp.write(sse_event(to_api_error(r).body()))
+        api = to_api_error(r)
+        accounting.mark_error(resp, api.status, api.message)
+        await resp.write(sse_event(api.body()))
         await resp.write_eof()
         return None
 
@@ -253,7 +309,7 @@ async def _wait_early(request: web.Request, resp: web.StreamResponse,
 def _model(request: web.Request, name: str) -> Model:
     model = request.app[CONFIG].resolve(name)
     if model is None:
-        raise ApiError(404, f"model {name!r} does not exist; GET /v1/models lists the models",
+        raise ApiError(404, f"model {shown(name)} does not exist; GET /v1/models lists the models",
                        "model_not_found")
     return model
 
@@ -262,10 +318,10 @@ def _model(request: web.Request, name: str) -> Model:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    if supervisor.scheduler.shutting_down:
+    snap = request.app[SUPERVISOR].snapshot()
+    if snap.shutting_down:
         return web.json_response({"status": "shutting_down"}, status=503)
-    states = [s.state.value for s in supervisor.scheduler.models.values()]
+    states = [m.state for m in snap.models]
     return web.json_response({
         "status": "ok",
         "models": len(states),
@@ -274,78 +330,49 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
-def _openai_model(request: web.Request, s: ModelState) -> dict[str, Any]:
-    m = s.model
+def _openai_model(request: web.Request, v: ModelView) -> dict[str, Any]:
     return {
-        "id": m.id,
+        "id": v.id,
         "object": "model",
         "created": int(request.app[STARTED]),
         "owned_by": "sparkstack",
-        "state": s.state.value,
-        "status": m.cfg.status,
-        "context_length": m.cfg.max_model_len,
-        "max_model_len": m.cfg.max_model_len,
-        "capabilities": m.cfg.capabilities,
-        "aliases": m.cfg.aliases,
-        "notes": m.cfg.notes,
+        "state": v.state,
+        "status": v.status,
+        "context_length": v.context_length,
+        "max_model_len": v.context_length,
+        "capabilities": list(v.capabilities),
+        "aliases": list(v.aliases),
+        "notes": v.notes,
     }
 
 
 async def list_models(request: web.Request) -> web.Response:
     """Answered from the catalog at once: listing never loads a model."""
-    request.app[KEYS].authenticate(request)
-    states = request.app[SUPERVISOR].scheduler.models.values()
-    data = [_openai_model(request, s) for s in states if s.model.enabled]
+    snap = request.app[SUPERVISOR].snapshot()
+    node = request.app[CONFIG].settings.node_name
+    data = [{**_openai_model(request, v), "node": node}
+            for v in snap.models if v.status != "disabled"]
+    if not relayed(request):  # a peer asking lists only what runs here
+        local = {m["id"] for m in data}
+        data += [m for m in request.app[PEERS].listing() if m["id"] not in local]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    request.app[KEYS].authenticate(request)
     model = _model(request, request.match_info["model"])
-    return web.json_response(_openai_model(request, request.app[SUPERVISOR].state(model.id)))
-
-
-def _wall(monotonic_t: float) -> float | None:
-    if not monotonic_t:
-        return None
-    return round(time.time() - (time.monotonic() - monotonic_t), 3)
-
-
-def model_status(supervisor: Supervisor, s: ModelState) -> dict[str, Any]:
-    m = s.model
-    return {
-        "id": m.id,
-        "state": s.state.value,
-        "status": m.cfg.status,
-        "notes": m.cfg.notes,
-        "memory_gb": m.memory_gb,
-        "in_flight": len(s.active),
-        "queued": len(s.waiters),
-        "last_used": _wall(s.last_used),
-        "ready_since": _wall(s.ready_at) if s.state is State.READY else None,
-        "load_seconds": None if s.load_seconds is None else round(s.load_seconds, 3),
-        "last_error": s.last_error,
-        "stop_reason": s.stop_reason,
-        "leaving": s.leaving and s.state is not State.STOPPED,
-        "ttl_s": m.ttl,
-        "pinned": m.cfg.pinned,
-        "exclusive": m.cfg.exclusive,
-        "runtime": m.cfg.runtime,
-        "port": supervisor.ports.get(m.id),
-        "aliases": m.cfg.aliases,
-    }
+    return web.json_response(_openai_model(request,
+                                           request.app[SUPERVISOR].model_view(model.id)))
 
 
 async def api_models(request: web.Request) -> web.Response:
-    request.app[KEYS].authenticate(request)
-    supervisor = request.app[SUPERVISOR]
-    sched = supervisor.scheduler
-    used = sum(s.model.memory_gb for s in sched.residents.values())
+    snap = request.app[SUPERVISOR].snapshot()
     return web.json_response({
-        "memory_budget_gb": sched.budget_gb,
-        "memory_used_gb": used,
-        "queued": sched.queued,
-        "models": [model_status(supervisor, s) for s in sched.models.values()],
+        "memory_budget_gb": snap.memory_budget_gb,
+        "memory_used_gb": snap.memory_used_gb,
+        "queued": snap.queued,
+        "models": [v.as_dict() for v in snap.models],
+        "node": request.app[CONFIG].settings.node_name,
+        "peers": [st.view() for st in request.app[PEERS].states.values()],
     })
 
 
@@ -353,7 +380,7 @@ async def api_models(request: web.Request) -> web.Response:
 
 
 def _admin(request: web.Request) -> tuple[Caller, Model]:
-    caller = request.app[KEYS].authenticate(request)
+    caller = request[CALLER]
     Keyring.require_admin(caller)
     return caller, _model(request, request.match_info["model"])
 
@@ -364,7 +391,7 @@ async def api_load(request: web.Request) -> web.Response:
         raise ApiError(400, f"model {model.id!r} is disabled", "model_disabled")
     supervisor = request.app[SUPERVISOR]
     await supervisor.load(model.id)
-    return web.json_response(model_status(supervisor, supervisor.state(model.id)))
+    return web.json_response(supervisor.model_view(model.id).as_dict())
 
 
 async def api_unload(request: web.Request) -> web.Response:
@@ -372,12 +399,11 @@ async def api_unload(request: web.Request) -> web.Response:
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     supervisor = request.app[SUPERVISOR]
     await supervisor.unload(model.id, force)
-    return web.json_response(model_status(supervisor, supervisor.state(model.id)))
+    return web.json_response(supervisor.model_view(model.id).as_dict())
 
 
 async def api_logs(request: web.Request) -> web.StreamResponse:
     """The engine's recent output; `?follow=true` keeps streaming new lines."""
-    request.app[KEYS].authenticate(request)
     model = _model(request, request.match_info["model"])
     buf = request.app[SUPERVISOR].logs[model.id]
     try:
@@ -390,10 +416,40 @@ async def api_logs(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await resp.prepare(request)
     await resp.write(text.encode())
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    buf.followers.add(queue)
+    async for line in buf.follow():
+        await resp.write((line + "\n").encode())
+    return resp
+
+
+# ---------------------------------------------------------------- reload
+
+
+async def reload_config(app: web.Application) -> dict[str, Any]:
+    """Re-read the config file (SIGHUP or POST /api/reload). An invalid file is refused
+    with every problem listed, and the running config is kept."""
+    config, keys = app[CONFIG], app[KEYS]
+    if config.path is None:
+        raise ApiError(400, "this stack was not started from a file: nothing to reload",
+                       "reload_unavailable")
     try:
-        while True:
-            await resp.write((await queue.get() + "\n").encode())
-    finally:
-        buf.followers.discard(queue)
+        new = await asyncio.to_thread(load_config, config.path)
+    except ConfigError as e:
+        log.error("config reload refused, the running config is kept:\n  %s",
+                  "\n  ".join(e.problems))
+        raise ApiError(400, "the config has problems; the running config is kept:\n"
+                       + "\n".join(e.problems), "invalid_config") from e
+    notes = [w for w in new.warnings]
+    if new.settings.listen != config.settings.listen:
+        notes.append(f"listen changed to {new.settings.listen}: restart sparkstack to apply")
+    summary: dict[str, Any] = app[SUPERVISOR].reconfigure(new)
+    keys.reload(config)
+    redact.register(*keys.secrets(), *(p.api_key() for p in config.settings.peers))
+    log.info("config reloaded from %s: %s", config.path, ", ".join(
+        f"{k} {len(v)}" for k, v in summary.items() if v) or "no change")
+    for note in notes:
+        log.warning("%s", note)
+    return {**summary, "warnings": notes}
+
+
+async def api_reload(request: web.Request) -> web.Response:
+    return web.json_response(await reload_config(request.app))

@@ -3,10 +3,16 @@
 Bytes pass through as they arrive (no buffering, no per-chunk parsing). A client that
 disconnects cancels the handler (aiohttp `handler_cancellation`), which closes the
 upstream connection at once, so the engine stops generating for it.
+
+An engine that sends nothing for `stream_idle_timeout` (no header, no chunk) is
+abandoned: the connection to it is closed and the client gets `engine_stalled` (504, or
+an error event once a stream has begun). One lazy timer per request watches for it
+(gateway/stall.py): a chunk costs a time stamp, not a timer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 
@@ -16,6 +22,8 @@ from multidict import CIMultiDict
 
 from ..engines import Upstream
 from ..errors import ApiError
+from .accounting import Meter, mark_error
+from .stall import EngineStalled, Watchdog
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -25,6 +33,9 @@ _NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
 # The engine went away after its status line: the response is cut mid-body.
 ENGINE_BROKE = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError)
+# The engine sent nothing for stream_idle_timeout (before its headers or between chunks).
+ENGINE_STALLED = EngineStalled
+ERROR_BODY_SHOWN = 2000  # characters of a non-OpenAI error page quoted to the client
 WHOLE_BODY_MAX = 1 << 20  # responses up to this size with a length are sent in one piece
 
 
@@ -85,6 +96,7 @@ def _early_json(resp: web.StreamResponse) -> bool:
 async def end_in_band(resp: web.StreamResponse, error: ApiError) -> None:
     """An error after the status line went out: an error event on an event stream, the
     OpenAI error object as the body of an early-headers JSON answer."""
+    mark_error(resp, error.status, error.message)
     if _early_json(resp):
         await resp.write(json.dumps(error.body(), ensure_ascii=False).encode())
     else:
@@ -100,41 +112,70 @@ async def relay(
     body: bytes,
     model_id: str,
     opened: web.StreamResponse | None = None,
+    idle_timeout: float | None = None,
+    meter: Meter | None = None,
 ) -> web.StreamResponse:
     """Send the request to the engine and relay its answer.
 
     `opened` is a response already committed to the client (keep-alives while the model
     loaded): an event stream, or an early-headers JSON answer. The engine's answer
     continues it, and an engine error becomes an error in the body, since the status line
-    has been sent.
+    has been sent. `idle_timeout` is the model's stream_idle_timeout. `meter` observes
+    the answer for the request's record (gateway/accounting.py).
     """
+    if meter is not None:
+        meter.granted()
     url = upstream.base_url + path
     if request.query_string:
         url += "?" + request.query_string
+    dog = Watchdog(idle_timeout) if idle_timeout else None
     try:
         async with session.request(
             request.method, url, data=body, headers=upstream_headers(request, upstream)
         ) as up:
+            if dog is not None:
+                dog.body(up.content)
+            if meter is not None:
+                meter.answered(up.content_type)
             if opened is not None and _early_json(opened):
-                return await _continue_json(opened, up, model_id)
+                return await _continue_json(opened, up, model_id, meter)
             if opened is not None:
-                return await _continue_stream(opened, up, model_id)
+                return await _continue_stream(opened, up, model_id, meter, dog)
             length = up.content_length
             if (length is not None and length <= WHOLE_BODY_MAX
                     and up.content_type != "text/event-stream"):
                 data = await up.read()
+                if meter is not None:
+                    meter.body(data)
+                if up.status >= 500:
+                    return _error_page(up, data, model_id)
                 return web.Response(status=up.status, body=data,
                                     headers=_response_headers(up.headers))
             resp = web.StreamResponse(status=up.status, headers=_response_headers(up.headers))
             await resp.prepare(request)
             try:
                 async for chunk in up.content.iter_any():
-                    await resp.write(chunk)
+                    if dog is not None:
+                        dog.feed()
+                    await resp.write(meter.feed(chunk) if meter is not None else chunk)
             except ENGINE_BROKE as e:
-                await _end_broken(request, resp, up, model_id, e)
+                await _end_broken(request, resp, up, _died(model_id, e))
                 return resp
+            except ENGINE_STALLED:
+                await _end_broken(request, resp, up, _stalled(model_id, idle_timeout))
+                return resp
+            if meter is not None:
+                await resp.write(meter.rest())
             await resp.write_eof()
             return resp
+    except (asyncio.CancelledError, ENGINE_STALLED) as e:  # before its headers, or mid-body
+        if isinstance(e, asyncio.CancelledError) and (dog is None or not dog.stalled()):
+            raise  # the client went away, or a shutdown
+        error = _stalled(model_id, idle_timeout)
+        if opened is not None:
+            await end_in_band(opened, error)
+            return opened
+        raise error from None
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
         error = ApiError(502, f"model {model_id!r}: the engine did not answer ({e})",
                          "engine_unreachable")
@@ -142,10 +183,14 @@ async def relay(
             await end_in_band(opened, error)
             return opened
         raise error from e
+    finally:
+        if dog is not None:
+            dog.close()
 
 
 async def _continue_json(
-    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str
+    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str,
+    meter: Meter | None = None,
 ) -> web.StreamResponse:
     """The engine's answer as the body of an early-headers response. Read whole (it is not
     streamed), so an engine that dies midway still leaves valid JSON: an error object."""
@@ -154,7 +199,10 @@ async def _continue_json(
     except ENGINE_BROKE as e:
         await end_in_band(resp, _died(model_id, e))
         return resp
+    if meter is not None:
+        meter.body(data)
     if up.status != 200:
+        mark_error(resp, up.status, f"engine answered {up.status}")
         try:
             payload = json.loads(data)
         except ValueError:
@@ -169,10 +217,12 @@ async def _continue_json(
 
 
 async def _continue_stream(
-    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str
+    resp: web.StreamResponse, up: aiohttp.ClientResponse, model_id: str,
+    meter: Meter | None = None, dog: Watchdog | None = None,
 ) -> web.StreamResponse:
     if up.status != 200:
         text = (await up.read()).decode("utf-8", errors="replace")
+        mark_error(resp, up.status, text[:2000] or f"engine answered {up.status}")
         try:
             payload = json.loads(text)
         except ValueError:
@@ -182,11 +232,39 @@ async def _continue_stream(
         return resp
     try:
         async for chunk in up.content.iter_any():
-            await resp.write(chunk)
+            if dog is not None:
+                dog.feed()
+            await resp.write(meter.feed(chunk) if meter is not None else chunk)
+        if meter is not None:
+            await resp.write(meter.rest())
     except ENGINE_BROKE as e:
-        await resp.write(sse_event(_died(model_id, e).body()))
+        died = _died(model_id, e)
+        mark_error(resp, died.status, died.message)
+        await resp.write(sse_event(died.body()))
     await resp.write_eof()
     return resp
+
+
+def _stalled(model_id: str, idle: float | None) -> ApiError:
+    return ApiError(504, f"model {model_id!r}: the engine sent nothing for {idle or 0:g} s "
+                    "(stream_idle_timeout); the request was abandoned", "engine_stalled")
+
+
+def _error_page(up: aiohttp.ClientResponse, data: bytes, model_id: str) -> web.Response:
+    """An engine's 5xx, in the OpenAI error shape whatever the engine sent (a plain-text
+    500 page, say); an error already in that shape passes through unchanged."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return web.Response(status=up.status, body=data, headers=_response_headers(up.headers))
+    text = data.decode("utf-8", errors="replace").strip()
+    if len(text) > ERROR_BODY_SHOWN:
+        text = text[:ERROR_BODY_SHOWN] + "…"
+    error = ApiError(up.status, f"model {model_id!r}: the engine answered {up.status}"
+                     + (f": {text}" if text else ""), "engine_error")
+    return web.json_response(error.body(), status=up.status)
 
 
 def _died(model_id: str, e: Exception) -> ApiError:
@@ -196,11 +274,12 @@ def _died(model_id: str, e: Exception) -> ApiError:
 
 async def _end_broken(
     request: web.Request, resp: web.StreamResponse, up: aiohttp.ClientResponse,
-    model_id: str, e: Exception,
+    error: ApiError,
 ) -> None:
-    """The engine died after the status line was sent: say so in-band if we can."""
+    """The engine died or stalled after the status line was sent: say so in-band if we can."""
+    mark_error(resp, error.status, error.message)
     if up.content_type == "text/event-stream":
-        await resp.write(sse_event(_died(model_id, e).body()))
+        await resp.write(sse_event(error.body()))
         await resp.write_eof()
     elif request.transport is not None:
         # Not an event stream: a cut connection is the only honest signal left.

@@ -15,6 +15,7 @@ STATUS = {
     Reason.START_FAILED: 502,
     Reason.START_TIMEOUT: 504,
     Reason.RUNTIME_UNAVAILABLE: 503,
+    Reason.IMAGE_MISSING: 502,
     Reason.MEMORY_IN_USE: 503,
     Reason.BACKING_OFF: 503,
 }

@@ -127,19 +127,14 @@ def tool_support(model: Model) -> Literal["none", "auto"]:
 
 
 def _context(model: Model) -> tuple[int | None, str]:
+    """What one request may use. For llama.cpp too this is max_model_len: the engine
+    template gives each parallel slot that many tokens (engines.py)."""
     cfg = model.cfg
     if cfg.shaping.context_length:
         return cfg.shaping.context_length, "shaping.context_length"
     total = cfg.max_model_len
     if total is None:
         return None, ""
-    if cfg.engine == "llamacpp":
-        # llama-server splits its context between its slots unless the KV cache is unified.
-        args = list(cfg.args)
-        slots = _flag_value(args, ("--parallel", "-np"))
-        unified = _last_flag(args, ("--kv-unified", "-kvu"), ("--no-kv-unified", "-no-kvu"))
-        if slots and slots.isdigit() and int(slots) > 1 and not unified:
-            return total // int(slots), f"max_model_len {total} over --parallel {slots}"
     return total, f"max_model_len {total}"
 
 

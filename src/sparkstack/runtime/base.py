@@ -7,12 +7,13 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence, Set
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from ..config import Model
+from ..redact import redact
 from ..scheduler.refusal import Reason
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
@@ -118,7 +119,9 @@ class LogBuffer:
     path: Path | None = None
     max_lines: int = 2000
     lines: deque[str] = field(init=False)
-    followers: set[asyncio.Queue[str]] = field(default_factory=set)
+    followers: set[asyncio.Queue[str | None]] = field(default_factory=set)
+    # Called with every line as it is written (load-progress parsing): must be quick.
+    listeners: list[Callable[[str], None]] = field(default_factory=list)
     follow_backlog: int = 1000
 
     def __post_init__(self) -> None:
@@ -138,10 +141,14 @@ class LogBuffer:
         self.write(f"----- {stamp} {header}")
 
     def write(self, line: str) -> None:
-        line = line.rstrip("\r\n")
+        # Engines print their arguments (SGLang all, vLLM the non-default ones), the
+        # internal key among them; this log is served to clients (logs API, errors).
+        line = redact(line.rstrip("\r\n"))
         self.lines.append(line)
         if self._file is not None:
             self._file.write(line + "\n")
+        for fn in self.listeners:
+            fn(line)
         for q in self.followers:
             if q.full():
                 q.get_nowait()
@@ -149,13 +156,20 @@ class LogBuffer:
 
     async def follow(self) -> AsyncIterator[str]:
         """Every line written from now on, until the caller stops iterating."""
-        queue: asyncio.Queue[str] = asyncio.Queue(self.follow_backlog)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(self.follow_backlog)
         self.followers.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            while (line := await queue.get()) is not None:
+                yield line
         finally:
             self.followers.discard(queue)
+
+    def end_followers(self) -> None:
+        """The stack is shutting down: followers stop (they must not hold the exit)."""
+        for q in self.followers:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
 
     def tail(self, n: int = 20) -> list[str]:
         return list(self.lines)[-n:]

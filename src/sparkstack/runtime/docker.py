@@ -24,6 +24,7 @@ import aiodocker
 import aiohttp
 
 from ..config import Model, parse_size
+from ..images import describe
 from ..scheduler.refusal import Reason
 from .base import LaunchSpec, LogBuffer, StartError, port_is_free
 
@@ -91,6 +92,7 @@ class ContainerEngine:
         self.container = container
         self.port = port
         self.key = key or None
+        self._log = log_buffer
         self._logs = asyncio.create_task(self._follow(log_buffer, since))
 
     @property
@@ -105,14 +107,26 @@ class ContainerEngine:
                     buf.write(line)
 
     async def wait(self) -> int:
+        failing = False
         while True:
             try:
                 result = await self.container.wait()
                 break
             except (aiodocker.DockerError, aiohttp.ClientError) as e:
-                # The daemon went away: the container's fate is unknown; look again soon.
-                log.warning("waiting for %s: %s", self.description, e)
+                if isinstance(e, aiodocker.DockerError) and e.status == 404:
+                    # Removed behind our back (docker rm -f): it runs no more. Waiting on
+                    # would keep its model "ready" forever, every request failing.
+                    self._log.write(f"sparkstack: {self.description} no longer exists "
+                                    "(removed outside sparkstack)")
+                    return 128 + 9
+                # The daemon went away: the container's fate is unknown; look again soon
+                # (said once, not every second of an outage).
+                if not failing:
+                    log.warning("waiting for %s: %s; retrying every second", self.description, e)
+                failing = True
                 await asyncio.sleep(1)
+        if failing:
+            log.info("Docker answers again about %s", self.description)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._logs), 1.0)
         return int(result.get("StatusCode", -1))
@@ -155,6 +169,12 @@ class DockerRuntime:
             if existing is not None:
                 info = await existing.show()
                 labels = info["Config"].get("Labels") or {}
+                if labels.get(LABEL_MODEL) != model.id:
+                    # Someone else's container under our name: never stop or remove it.
+                    raise StartError(
+                        f"a container named {name} exists and is not sparkstack's (it lacks "
+                        f"the label {LABEL_MODEL}={model.id}); rename or remove it "
+                        f"(docker rm -f {name}) if it is not needed")
                 port = int(labels.get(LABEL_PORT, "0") or 0)
                 if (not info["State"]["Running"] and labels.get(LABEL_HASH) == spec.identity
                         and port and port_is_free(port)):
@@ -221,10 +241,8 @@ class DockerRuntime:
         except aiodocker.DockerError as e:
             if e.status != 404:
                 raise
-            raise StartError(
-                f"image {image!r} is not on this machine: build it (docker build -t {image} "
-                "<dir with its Dockerfile>) or pull it (docker pull "
-                f"{image}); see docs/models.md", 502, "image_missing") from e
+            raise StartError(f"image {image!r} is not on this machine; to get it: "
+                             f"{describe(image).fix()}", Reason.IMAGE_MISSING) from e
 
     async def close(self) -> None:
         if self._docker is not None:
