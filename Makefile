@@ -8,7 +8,7 @@ ARGS ?=
 SMOLLM2 := 0.1.2
 SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: install run test lint bench bench-policy system-deps clean
+.PHONY: install run test lint soak bench bench-policy system-deps clean
 
 # Re-install when the project's metadata changes. llama.cpp's llama-server is built as a
 # portable wheel once per machine (~15 min on 2 cores; scripts/llama-wheel.sh says why it
@@ -35,6 +35,11 @@ test: system-deps install
 
 lint: install
 	$(BIN)/ruff check src tests
+
+## soak: 1,000 streams through a gateway for SOAK_SECONDS (default 600; `make test` runs 80)
+SOAK_SECONDS ?= 600
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -m soak tests/faults/test_soak.py
 
 ## bench: the performance harness (never part of `make test`)
 bench: system-deps install
