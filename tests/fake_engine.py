@@ -193,7 +193,11 @@ async def common_middleware(request: web.Request, handler: Handler) -> web.Strea
     authorized = request.headers.get("Authorization") == f"Bearer {key}"
     if key and request.path.startswith("/v1/") and not authorized:
         return error_reply(request, 401, "invalid api key", "authentication_error")
-    return await handler(request)
+    try:
+        return await handler(request)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        # A body of the wrong shape: real engines validate and answer 400, so do we.
+        return error_reply(request, 400, f"invalid request: {e}", "invalid_request_error")
 
 
 def json_body(request: web.Request) -> dict[str, Any] | None:

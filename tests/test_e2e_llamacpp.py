@@ -47,6 +47,7 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama(gguf: Path, name: str, *args: str, ctx: int = 1024, memory: float = 0.6,
           ttl: str = "10m") -> str:
     flags = ", ".join(f'"{a}"' for a in ["--threads", "2", "--no-webui", *args])
+    serves = "[embeddings]" if "--embedding" in args else "[chat, completions]"
     return f"""
     {name}:
       engine: llamacpp
@@ -55,6 +56,7 @@ def llama(gguf: Path, name: str, *args: str, ctx: int = 1024, memory: float = 0.
       args: [{flags}]
       memory_gb: {memory}
       ttl: {ttl}
+      capabilities: {serves}
     """
 
 

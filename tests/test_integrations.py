@@ -98,8 +98,8 @@ def test_continue_config_has_roles_and_contexts():
     by_name = {m["name"]: m for m in doc["models"]}
     assert by_name["chat"]["roles"] == ["chat", "edit", "apply"]
     assert by_name["chat"]["capabilities"] == ["tool_use"]  # llama.cpp: Jinja templates
-    # llama.cpp splits its context over --parallel 2: the window a request really gets.
-    assert by_name["chat"]["defaultCompletionOptions"]["contextLength"] == 2048
+    # The window a request really gets: the template gives each llama.cpp slot all of it.
+    assert by_name["chat"]["defaultCompletionOptions"]["contextLength"] == 4096
     assert "summarize" in by_name["helper"]["roles"]
     assert by_name["embed"]["roles"] == ["embed"]
     assert all(m["apiBase"] == "http://127.0.0.1:8009/v1" for m in doc["models"])
