@@ -667,7 +667,8 @@ def load_config(
             ttl=ttl,
             busy_policy=cfg.busy_policy or settings.busy_policy,
             base_dir=base_dir,
-            memory_gb=round(memory, 1),
+            # A derived size is rounded (fraction × total); a declared one is kept as is.
+            memory_gb=round(memory, 1) if cfg.memory_gb is None else memory,
             min_residency=_residency(settings.min_residency if cfg.min_residency is None
                                      else cfg.min_residency),
             prewarm=settings.prewarm if cfg.prewarm is None else cfg.prewarm,
