@@ -176,7 +176,12 @@ class EngineRun:
     def _before_launch(self) -> None:
         m = self.model
         if m.cfg.drop_page_cache and os.geteuid() == 0:
-            drop_page_cache()
+            try:
+                drop_page_cache()
+            except OSError as e:  # e.g. a read-only /proc/sys in a container: start anyway
+                log.warning("%s: cannot drop the page cache (%s); starting anyway",
+                            m.id, e.strerror or e)
+                self.log.write(f"sparkstack: cannot drop the page cache: {e}")
         if self.ctx.check_free_memory and m.memory_gb:
             free = meminfo().available_gb
             if free < m.memory_gb:
