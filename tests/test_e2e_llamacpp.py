@@ -61,7 +61,8 @@ def llama(gguf: Path, name: str, *args: str, ctx: int = 1024, memory: float = 0.
 
 
 def sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    # Generous: llama.cpp slows down badly when the machine is oversubscribed.
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
 async def test_chat_completions_and_embeddings_through_the_sdk(start_gateway, gguf):
