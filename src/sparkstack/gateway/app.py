@@ -438,7 +438,7 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
                   "\n  ".join(e.problems))
         raise ApiError(400, "the config has problems; the running config is kept:\n"
                        + "\n".join(e.problems), "invalid_config") from e
-    notes = [w for w in new.warnings]
+    notes = list(new.warnings)
     if new.settings.listen != config.settings.listen:
         notes.append(f"listen changed to {new.settings.listen}: restart sparkstack to apply")
     summary: dict[str, Any] = app[SUPERVISOR].reconfigure(new)
