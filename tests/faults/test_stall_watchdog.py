@@ -41,18 +41,21 @@ async def test_bytes_keep_it_quiet_and_silence_after_them_fails_the_body():
     dog.close()
 
 
-async def test_a_client_going_away_is_not_a_stall():
-    async def request() -> bool:
-        dog = Watchdog(60)
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            return dog.stalled()
-        finally:
-            dog.close()
-        return True
+async def guarded_request(dogs: list[Watchdog]) -> bool:
+    """A request under a 60 s watchdog that waits 30 s; whether it was stalled, if cut."""
+    dog = Watchdog(60)
+    dogs.append(dog)
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        return dog.stalled()
+    finally:
+        dog.close()
+    return True
 
-    task = asyncio.create_task(request())
+
+async def test_a_client_going_away_is_not_a_stall():
+    task = asyncio.create_task(guarded_request([]))
     await asyncio.sleep(0.05)
     task.cancel()  # what aiohttp does when the client disconnects
     assert await task is False
@@ -60,19 +63,7 @@ async def test_a_client_going_away_is_not_a_stall():
 
 async def test_a_client_going_away_as_the_bound_passes_is_still_a_cancellation():
     dogs: list[Watchdog] = []
-
-    async def request() -> bool:
-        dog = Watchdog(60)
-        dogs.append(dog)
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            return dog.stalled()
-        finally:
-            dog.close()
-        return True
-
-    task = asyncio.create_task(request())
+    task = asyncio.create_task(guarded_request(dogs))
     await asyncio.sleep(0.05)
     (dog,) = dogs
     dog.last -= 60  # the bound has passed: the watchdog cancels, and so does the client,
