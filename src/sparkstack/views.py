@@ -68,6 +68,3 @@ class Snapshot:
     starting: str | None
     shutting_down: bool
     models: tuple[ModelView, ...]
-
-    def model(self, model_id: str) -> ModelView:
-        return next(m for m in self.models if m.id == model_id)
