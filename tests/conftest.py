@@ -191,6 +191,13 @@ def mounts(tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session sending the test key."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+        yield s
+
+
+@pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """`await start_gateway(models_yaml, **settings)` → a serving Gateway; stopped after."""
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []

@@ -66,8 +66,11 @@ class State:
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     gated: int = 0  # completions waiting at a gate now
     hung: int = 0  # completions hanging now (fault "hang")
+    worker_joined: bool = False  # a head of two nodes: its worker has connected
 
     def is_ready(self) -> bool:
+        if self.args.nnodes > 1 and not self.worker_joined:
+            return False
         return not self.args.never_ready and time.monotonic() >= self.ready_at
 
     def gate(self, name: str) -> asyncio.Event:
@@ -137,6 +140,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print this recorded engine log while starting (load progress)")
     p.add_argument("--no-usage", action="store_true",
                    help="never report usage (an engine that ignores stream_options)")
+    # vLLM's multi-node launch: the head (rank 0) is healthy only once the worker has
+    # connected to its master port; the worker (--headless) serves no HTTP. Like an
+    # engine that hangs rather than exits, neither half stops when the other goes away:
+    # stopping both is sparkstack's job.
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29501)
+    p.add_argument("--headless", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None)
     return p.parse_args(argv)
 
 
@@ -521,8 +535,16 @@ async def serve(args: argparse.Namespace) -> int:
             log("fake engine stopping")
             return 0
 
+    if args.headless:
+        return await join_master(args, stop)
     app = make_app(args)
     state = app[STATE]
+    master = None
+    if args.nnodes > 1:
+        master = await asyncio.start_server(
+            lambda r, w: worker_connected(state, r, w), args.master_addr, args.master_port,
+            reuse_address=True)
+        log(f"fake engine head: master listening on {args.master_addr}:{args.master_port}")
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.2, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -531,7 +553,38 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log("fake engine stopping")
     ready_task.cancel()
+    if master is not None:
+        master.close()
     await runner.cleanup()
+    return 0
+
+
+async def worker_connected(state: State, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    state.worker_joined = True
+    log("fake engine head: worker joined")
+    await reader.read()  # until the worker goes away
+    log("fake engine head: worker left (serving on regardless)")
+    writer.close()
+
+
+async def join_master(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """The headless worker: connect to the head's master port, then hold until stopped."""
+    writer = None
+    while writer is None and not stop.is_set():
+        try:
+            _, writer = await asyncio.open_connection(args.master_addr, args.master_port)
+        except OSError:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+    if writer is not None:
+        log(f"fake engine worker: joined master {args.master_addr}:{args.master_port} "
+            f"(VLLM_HOST_IP={os.environ.get('VLLM_HOST_IP')}, "
+            f"NCCL_SOCKET_IFNAME={os.environ.get('NCCL_SOCKET_IFNAME')})")
+    await stop.wait()
+    log("fake engine stopping")
+    if writer is not None:
+        writer.close()
     return 0
 
 

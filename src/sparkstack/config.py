@@ -7,6 +7,7 @@ can print them all.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -222,6 +223,20 @@ class Peer(BaseModel):
         return (os.environ if env is None else env).get(self.key_env or "") or None
 
 
+class Link(BaseModel):
+    """The link between two Sparks, for models that span both (`nodes: 2`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # This node's address on the link (VLLM_HOST_IP; the head's is the master address).
+    # Default: the address this node uses to reach the peer.
+    address: str | None = None
+    # Its network interface (e.g. the ConnectX-7 port): NCCL_SOCKET_IFNAME,
+    # GLOO_SOCKET_IFNAME and TP_SOCKET_IFNAME. Default: NCCL and Gloo choose.
+    interface: str | None = None
+    master_port: int = Field(default=29501, ge=1024, le=65535)  # the head's rendezvous port
+    env: dict[str, str] = Field(default_factory=dict)  # more, for both halves (NCCL_IB_HCA...)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -265,6 +280,10 @@ class ModelConfig(BaseModel):
     serve_style: Literal["vllm", "model-flag"] = "vllm"
     drop_page_cache: bool = False
     node: str | None = None  # the node that runs it (node_name or a peer); unset: this one
+    # 2: one vLLM over two nodes (tensor parallel): the head on `node`, a headless worker
+    # on `worker_node` (default: the other node); docs/two-sparks.md
+    nodes: int = Field(default=1, ge=1, le=2)
+    worker_node: str | None = None
     shaping: Shaping = Field(default_factory=Shaping)
     context_fallback: str | None = None  # a model with a longer context serves long prompts
     early_headers: bool | None = None  # global early_headers unless set
@@ -374,6 +393,7 @@ class Settings(BaseModel):
     node_name: str = "local"
     peers: list[Peer] = Field(default_factory=list)
     peer_poll_interval: Duration = Field(default=5.0, gt=0)
+    link: Link = Field(default_factory=Link)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")
@@ -476,6 +496,20 @@ def substitute_port(text: str, port: int) -> str:
 
 
 @dataclass(frozen=True)
+class Span:
+    """Where the two halves of a model spanning two nodes run, seen from this node."""
+
+    role: Literal["head", "worker"]  # the half this node runs
+    head: str  # node names
+    worker: str
+
+    @property
+    def partner(self) -> str:
+        """The node running the other half."""
+        return self.worker if self.role == "head" else self.head
+
+
+@dataclass(frozen=True)
 class Model:
     """One catalog entry with every default applied: what the rest of the stack reads."""
 
@@ -489,6 +523,7 @@ class Model:
     # load; None: auto (the scheduler's share of its load time)
     prewarm: bool = False  # may be started ahead of demand, into free memory only
     stream_idle_timeout: float = 300.0  # abandon an engine silent this long (0 = never)
+    span: Span | None = None  # set for `nodes: 2`: which half runs here
 
     @property
     def served_name(self) -> str:
@@ -508,6 +543,14 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     placed: dict[str, str] = field(default_factory=dict)  # model id → the peer it runs on
+    # Models spanning two nodes whose head runs on a peer and whose worker half runs here:
+    # never served here (requests go to the head), started by the head's reservation.
+    workers: dict[str, Model] = field(default_factory=dict)
+
+    @property
+    def engines(self) -> dict[str, Model]:
+        """Every model whose engine (or half of it) may run on this node."""
+        return {**self.models, **self.workers}
 
     def resolve(self, name: str) -> Model | None:
         """A catalog id, an alias or a served name → the model, or None."""
@@ -589,6 +632,52 @@ def _fallback_problems(source: str, models: dict[str, Model], aliases: dict[str,
     return problems
 
 
+def _span(source: str, model_id: str, cfg: ModelConfig, settings: Settings
+          ) -> tuple[Span | None, list[str]]:
+    """Which half of a `nodes: 2` model runs on this node (None: neither, or a single-node
+    model), and what is wrong with its entry."""
+    if cfg.nodes == 1:
+        if cfg.worker_node is not None:
+            return None, [f"{source}: model {model_id!r}, field 'worker_node': only for "
+                          "models with nodes: 2"]
+        return None, []
+    where = f"{source}: model {model_id!r}"
+    problems = []
+    if cfg.engine not in ("vllm", "custom") or (cfg.engine == "custom" and not cfg.command):
+        problems.append(f"{where}: nodes: 2 runs vLLM's multi-node launch: engine 'vllm' "
+                        "(or 'custom' with a command that takes vLLM's flags)")
+    for flag, value in itertools.pairwise([*cfg.args, ""]):
+        name, _, inline = flag.partition("=")
+        if name in ("--tensor-parallel-size", "--tensor_parallel_size", "-tp") \
+                and (inline or value) != "2":
+            problems.append(f"{where}: nodes: 2 runs tensor parallel over the two GPUs "
+                            f"(--tensor-parallel-size 2); remove {flag} {value} from 'args'")
+        if name in ("--distributed-executor-backend", "--nnodes", "--node-rank", "--headless",
+                    "--master-addr", "--master-port"):
+            problems.append(f"{where}: nodes: 2 sets {name} itself; remove it from 'args'")
+    peers = [p.name for p in settings.peers]
+    me = settings.node_name
+    head = cfg.node or me
+    worker = cfg.worker_node
+    if worker is None:
+        others = [n for n in [me, *peers] if n != head]
+        if len(others) > 1:
+            problems.append(f"{where}: field 'worker_node' is needed: which of "
+                            f"{', '.join(map(repr, others))} runs the second half")
+        worker = others[0] if len(others) == 1 else None
+    elif worker not in (me, *peers):
+        problems.append(f"{where}: field 'worker_node': {worker!r} is neither this node "
+                        f"({me!r}) nor a peer")
+    if worker is not None and worker == head:
+        problems.append(f"{where}: the head and the worker half must run on two nodes "
+                        f"(both are {head!r})")
+    if problems or worker is None:
+        return None, problems
+    if me not in (head, worker):
+        return None, []
+    return Span("head" if me == head else "worker", head, worker), []
+
+
 def _residency(value: float | str) -> float | None:
     return None if value == "auto" else float(value)
 
@@ -645,13 +734,22 @@ def load_config(
     if settings.node_name in peer_names:
         problems.append(f"{source}: field 'peers': {settings.node_name!r} is this node's own "
                         "name (node_name)")
+    workers: dict[str, Model] = {}
     for model_id, cfg in settings.models.items():
-        if cfg.node is not None and cfg.node != settings.node_name:
-            if cfg.node not in peer_names:
-                problems.append(f"{source}: model {model_id!r}, field 'node': {cfg.node!r} is "
+        span, span_problems = _span(source, model_id, cfg, settings)
+        problems += span_problems
+        if span is None and cfg.nodes > 1 and not span_problems:
+            cfg = cfg.model_copy(update={"status": "disabled", "notes": (
+                "needs two nodes: list the other Spark under `peers` (docs/two-sparks.md)"
+                + (f". {cfg.notes}" if cfg.notes else ""))})
+        head = span.head if span else cfg.node
+        if head is not None and head != settings.node_name:
+            if head not in peer_names:
+                problems.append(f"{source}: model {model_id!r}, field 'node': {head!r} is "
                                 f"neither this node ({settings.node_name!r}) nor a peer")
-            placed[model_id] = cfg.node  # the peer runs it; this gateway relays to it
-            continue
+            placed[model_id] = head  # the peer runs it; this gateway relays to it
+            if span is None or span.role != "worker":
+                continue
         if not MODEL_ID.match(model_id):
             problems.append(
                 f"{source}: model {model_id!r}: an id may hold letters, digits and . _ : - only"
@@ -661,7 +759,7 @@ def load_config(
         if memory is None:
             memory = (cfg.gpu_memory_utilization or 0) * (
                 total_gb if cfg.gpu_memory_utilization else 0)
-        models[model_id] = Model(
+        model = Model(
             id=model_id,
             cfg=cfg,
             ttl=ttl,
@@ -674,7 +772,9 @@ def load_config(
             prewarm=settings.prewarm if cfg.prewarm is None else cfg.prewarm,
             stream_idle_timeout=(settings.stream_idle_timeout if cfg.stream_idle_timeout is None
                                  else cfg.stream_idle_timeout),
+            span=span,
         )
+        (workers if span is not None and span.role == "worker" else models)[model_id] = model
     for model_id, m in models.items():
         names = list(m.cfg.aliases)
         if m.served_name != model_id:
@@ -717,7 +817,7 @@ def load_config(
     ]
     return Config(
         settings=settings, models=models, path=Path(path) if path else None,
-        warnings=warnings, aliases=aliases, placed=placed,
+        warnings=warnings, aliases=aliases, placed=placed, workers=workers,
     )
 
 

@@ -15,7 +15,8 @@ import itertools
 import json
 import secrets
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import redact
@@ -35,19 +36,55 @@ class Upstream:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class SpanLaunch:
+    """This run's half of a model spanning two nodes (`nodes: 2`): vLLM's own multi-node
+    launch, tensor parallel over the two GPUs, the head serving the API (rank 0) and a
+    headless worker (rank 1) joining it at the master address."""
+
+    rank: int
+    master_addr: str
+    master_port: int
+    host_ip: str | None = None  # this node's address on the link
+    interface: str | None = None  # the link's network interface on this node
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def flags(self) -> list[str]:
+        flags = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp",
+                 "--nnodes", "2", "--node-rank", str(self.rank),
+                 "--master-addr", self.master_addr, "--master-port", str(self.master_port)]
+        return [*flags, "--headless"] if self.rank else flags
+
+    def environment(self) -> dict[str, str]:
+        env = {}
+        if self.interface:  # NCCL (tensors), Gloo (control) and torch's TCPStore
+            env |= dict.fromkeys(("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+                                  "TP_SOCKET_IFNAME"), self.interface)
+        if self.host_ip:  # vLLM otherwise guesses this node's address
+            env["VLLM_HOST_IP"] = self.host_ip
+        return env | dict(self.env)
+
+
 # The catalog fields an engine run is made from: a reload that changes one of them
 # restarts the model (once idle); any other change (ttl, aliases, notes, memory_gb...)
 # takes effect at once, the engine untouched (llama-swap restarts every model).
 ENGINE_FIELDS = frozenset({
     "runtime", "engine", "command", "weights", "args", "gpu_memory_utilization",
     "upstream", "health", "max_model_len", "served_name", "env", "cwd", "image", "volumes",
-    "gpus", "shm_size", "ulimits", "ipc", "serve_style", "drop_page_cache",
+    "gpus", "shm_size", "ulimits", "ipc", "serve_style", "drop_page_cache", "nodes",
 })
 
 
 def engine_identity(model: Model) -> dict[str, object]:
-    return {"base_dir": str(model.base_dir),
+    return {"base_dir": str(model.base_dir), "span": repr(model.span),
             **model.cfg.model_dump(include=set(ENGINE_FIELDS))}
+
+
+def engine_digest(model: Model) -> str:
+    """A short hash of the entry's engine fields: the two nodes of a spanning model
+    compare theirs, so both halves run the same engine."""
+    fields = model.cfg.model_dump(include=set(ENGINE_FIELDS))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def templated(model: Model) -> bool:
@@ -72,9 +109,10 @@ def upstream_for(model: Model, port: int, key: str | None) -> Upstream:
     return Upstream(base.rstrip("/"), headers)
 
 
-def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> LaunchSpec:
-    """The command line of one run. May block (it can assemble packaged weights): call it
-    from a worker thread.
+def launch_spec(model: Model, port: int, key: str | None, data_dir: Path,
+                span: SpanLaunch | None = None) -> LaunchSpec:
+    """The command line of one run (with `span`: of one half of a spanning model). May
+    block (it can assemble packaged weights): call it from a worker thread.
 
     The command is built with placeholders first: its hash (`identity`) covers all but
     the port and the key, so a stopped container whose identity matches can be re-used.
@@ -85,8 +123,12 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> Lau
     else:
         assert cfg.command is not None
         argv = list(cfg.command)
+    env = dict(cfg.env)
+    if span is not None:
+        argv += span.flags()
+        env |= span.environment()
     identity = hashlib.sha256(json.dumps({
-        "argv": argv, "env": cfg.env, "runtime": cfg.runtime, "image": cfg.image,
+        "argv": argv, "env": env, "runtime": cfg.runtime, "image": cfg.image,
         "volumes": cfg.volumes, "gpus": cfg.gpus, "shm_size": cfg.shm_size, "ipc": cfg.ipc,
         "ulimits": cfg.ulimits,
         "cwd": cfg.cwd,
@@ -97,7 +139,7 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path) -> Lau
 
     # Relative paths in a command resolve against the config file's folder.
     cwd = model.base_dir / cfg.cwd if cfg.cwd else model.base_dir
-    return LaunchSpec(model, [fill(a) for a in argv], {k: fill(v) for k, v in cfg.env.items()},
+    return LaunchSpec(model, [fill(a) for a in argv], {k: fill(v) for k, v in env.items()},
                       port, key, cwd, identity)
 
 

@@ -25,6 +25,7 @@ from .runtime import LogBuffer, Runtime, StartError
 from .runtime.base import free_port, port_is_free
 from .runtime.docker import LABEL_HASH, DockerRuntime
 from .runtime.lifecycle import EngineRun, RunContext
+from .runtime.span import Spans
 from .scheduler import ModelState, Scheduler, State, Ticket, invariants
 from .scheduler.refusal import Refusal
 from .telemetry.events import EventBus, LoadProgress, ModelChanged, QueueChanged
@@ -59,13 +60,13 @@ class Supervisor:
         self.keep_engines = keep_engines
         s = config.settings
         self.scheduler = Scheduler(
-            config.models.values(), budget_gb, self, clock,
+            config.engines.values(), budget_gb, self, clock,
             queue_timeout=s.queue_timeout, max_queue=s.max_queue, start_backoff=s.start_backoff,
             load_times=read_load_times(data_dir),
         )
         if os.environ.get("SPARKSTACK_DEBUG") == "1":
             invariants.checked(self.scheduler)
-        self.logs = {mid: LogBuffer(data_dir / "logs" / f"{mid}.log") for mid in config.models}
+        self.logs = {mid: LogBuffer(data_dir / "logs" / f"{mid}.log") for mid in config.engines}
         self.runs: dict[str, EngineRun] = {}
         self.ports: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -85,12 +86,19 @@ class Supervisor:
         self._queued = 0
         self._sample_soon = asyncio.Event()
         self._sampler: asyncio.Task[None] | None = None
+        self.spans: Spans | None = None
+        self._span_http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Supervisor:
         # Health probes get their own small session: they must never queue behind traffic.
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         self._ctx = RunContext(self.runtimes, self.scheduler, self._http, self.data_dir,
                                self.check_free_memory)
+        # Models spanning two nodes reserve their other half on a peer (the session is
+        # made even without peers: a reload may add them).
+        self._span_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self.spans = self._ctx.spans = Spans(self.config, self._span_http)
         docker = self.runtimes.get("docker")
         if isinstance(docker, DockerRuntime):
             await self._adopt(docker)
@@ -162,6 +170,8 @@ class Supervisor:
             load_started=wall(load[1]) if load else None,
             memory_measured_gb=measured.gb if measured else None,
             memory_peak_gb=peak, memory_source=measured.source if measured else None,
+            span_role=m.span.role if m.span else None,
+            span_partner=m.span.partner if m.span else None,
         )
 
     async def load(self, model_id: str) -> None:
@@ -186,17 +196,18 @@ class Supervisor:
         ones are available at once. `self.config` is updated in place, so every reader
         holding it sees the new catalog."""
         old = self.config
-        changed = {mid for mid, m in new.models.items()
-                   if mid in old.models and engine_identity(old.models[mid]) != engine_identity(m)}
+        before, after = old.engines, new.engines  # worker halves of spanning models too
+        changed = {mid for mid, m in after.items()
+                   if mid in before and engine_identity(before[mid]) != engine_identity(m)}
         sched = self.scheduler
         summary = {
-            "added": sorted(set(new.models) - set(old.models)),
-            "removed": sorted(set(old.models) - set(new.models)),
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
             "restarting": sorted(mid for mid in changed if sched.models[mid].resident),
             "changed": sorted(changed),
-            "unchanged": sorted(set(new.models) & set(old.models) - changed),
+            "unchanged": sorted(set(after) & set(before) - changed),
         }
-        for mid in new.models:
+        for mid in after:
             if mid not in self.logs:
                 self.logs[mid] = LogBuffer(self.data_dir / "logs" / f"{mid}.log")
         s = new.settings
@@ -205,8 +216,8 @@ class Supervisor:
         sched.queue_timeout, sched.max_queue = s.queue_timeout, s.max_queue
         sched.start_backoff = s.start_backoff
         old.settings, old.models, old.aliases = new.settings, new.models, new.aliases
-        old.warnings = new.warnings
-        sched.reconfigure(new.models, changed)
+        old.placed, old.workers, old.warnings = new.placed, new.workers, new.warnings
+        sched.reconfigure(after, changed)
         return summary
 
     async def wait_changed(self) -> None:
@@ -234,7 +245,7 @@ class Supervisor:
         tasks = [r.task for r in self.runs.values() if r.task and not r.task.done()]
         if tasks:
             # Bounded: an engine we cannot even observe (Docker gone) must not hang the exit.
-            grace = max(m.cfg.stop_timeout for m in self.config.models.values())
+            grace = max(m.cfg.stop_timeout for m in self.config.engines.values())
             _, stuck = await asyncio.wait(tasks, timeout=grace + 15)
             for task in stuck:
                 log.warning("gave up waiting for %s to stop", task.get_name())
@@ -248,6 +259,8 @@ class Supervisor:
             self._sampler.cancel()
         if self._http:
             await self._http.close()
+        if self._span_http:
+            await self._span_http.close()
         for runtime in self.runtimes.values():
             await runtime.close()
         for buf in self.logs.values():
@@ -350,7 +363,7 @@ class Supervisor:
     async def _sample_memory(self) -> None:
         """Measure the running engines every `memory_interval` (and just after a load)."""
         await self.memory.start()
-        declared = {mid: m.memory_gb for mid, m in self.config.models.items()}
+        declared = {mid: m.memory_gb for mid, m in self.config.engines.items()}
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sample_soon.wait(), self.memory_interval)
@@ -400,13 +413,14 @@ class Supervisor:
         for m in found:
             if not m.running:
                 continue  # a stopped container is re-used or re-created at its next start
-            model = self.config.models.get(m.model_id)
+            model = self.config.engines.get(m.model_id)
             identity = None
             if model is not None and model.cfg.runtime == "docker":
                 with contextlib.suppress(StartError):
                     spec = await asyncio.to_thread(launch_spec, model, 0, None, self.data_dir)
                     identity = spec.identity
-            if model is None or identity != m.labels.get(LABEL_HASH):
+            # A spanning model's half is never adopted: its other half's lease is gone.
+            if model is None or model.span is not None or identity != m.labels.get(LABEL_HASH):
                 log.info("stopping stale container %s (%s)", m.container.id[:12], m.model_id)
                 await docker.stop_container(m.container)
                 continue

@@ -20,11 +20,12 @@ from aiohttp import web
 from .. import redact
 from ..config import Config, ConfigError, Model, load_config
 from ..errors import ApiError, shown
+from ..runtime.span import SPAN_PATH
 from ..scheduler.refusal import Refusal
 from ..supervisor import Supervisor
 from ..telemetry.progress import describe, format_duration
 from ..views import ModelView
-from . import accounting, cors, monitor, openapi, shaping
+from . import accounting, cors, monitor, openapi, shaping, span
 from .auth import CALLER, Caller, Keyring
 from .limits import read_body
 from .peers import Peers, PeerState, relayed, unavailable
@@ -120,6 +121,8 @@ def create_app(config: Config, supervisor: Supervisor, keys: Keyring) -> web.App
     r.add_post("/api/models/{model}/unload", api_unload)
     r.add_get("/api/models/{model}/logs", api_logs)
     r.add_post("/api/reload", api_reload)
+    # A head node holds our worker half of a model spanning both (gateway/span.py).
+    r.add_post(SPAN_PATH + "{model}", span.handler(config, supervisor))
     r.add_get("/openapi.json", openapi.openapi_json)
     return app
 
@@ -350,8 +353,8 @@ async def list_models(request: web.Request) -> web.Response:
     """Answered from the catalog at once: listing never loads a model."""
     snap = request.app[SUPERVISOR].snapshot()
     node = request.app[CONFIG].settings.node_name
-    data = [{**_openai_model(request, v), "node": node}
-            for v in snap.models if v.status != "disabled"]
+    data = [{**_openai_model(request, v), "node": node} for v in snap.models
+            if v.status != "disabled" and v.span_role != "worker"]  # its head serves it
     if not relayed(request):  # a peer asking lists only what runs here
         local = {m["id"] for m in data}
         data += [m for m in request.app[PEERS].listing() if m["id"] not in local]

@@ -24,10 +24,11 @@ from typing import Protocol
 import aiohttp
 
 from ..config import Model
-from ..engines import Upstream, launch_spec, upstream_for
+from ..engines import SpanLaunch, Upstream, launch_spec, upstream_for
 from ..scheduler.refusal import Reason, Refusal
 from ..telemetry.memory import meminfo
 from .base import Engine, LogBuffer, Runtime, StartError, describe_exit
+from .span import SpanLease, SpannedEngine, Spans
 
 log = logging.getLogger("sparkstack.engine")
 
@@ -54,6 +55,7 @@ class RunContext:
     http: aiohttp.ClientSession  # health probes only: never queued behind traffic
     data_dir: Path
     check_free_memory: bool = False
+    spans: Spans | None = None  # models spanning two nodes (None: no peers)
 
 
 def drop_page_cache() -> None:
@@ -159,10 +161,18 @@ class EngineRun:
                 raise StartError(f"runtime {self.model.cfg.runtime!r} is not available",
                                  Reason.RUNTIME_UNAVAILABLE)
             self._before_launch()
-            # In a thread: preparing weights (assembling a packaged GGUF) may take seconds.
-            spec = await asyncio.to_thread(
-                launch_spec, self.model, self.port, self.key, self.ctx.data_dir)
-            self.engine = await runtime.start(spec, self.log)
+            lease, span = await self._span()
+            try:
+                # In a thread: preparing weights (assembling a packaged GGUF) may take seconds.
+                spec = await asyncio.to_thread(
+                    launch_spec, self.model, self.port, self.key, self.ctx.data_dir, span)
+                self.engine = await runtime.start(spec, self.log)
+            except BaseException:
+                if lease is not None:
+                    await lease.release()
+                raise
+            if lease is not None:
+                self.engine = SpannedEngine(self.engine, lease, self.log)
         except StartError as e:
             self._fail(Refusal(e.reason, mid, error=str(e)), None)
             return None
@@ -172,6 +182,32 @@ class EngineRun:
             self.port, self.key = self.engine.port, self.engine.key
             self.upstream = upstream_for(self.model, self.port, self.key)
         return asyncio.create_task(self.engine.wait())
+
+    async def _span(self) -> tuple[SpanLease | None, SpanLaunch | None]:
+        """For a half of a spanning model: the head reserves the worker half on the peer
+        first (as long as the peer needs to make room, unless asked to stop); a worker
+        half takes the launch its head's reservation brought."""
+        span = self.model.span
+        if span is None:
+            return None, None
+        spans = self.ctx.spans
+        if spans is None:
+            raise StartError("spanning two nodes needs peers", Reason.RUNTIME_UNAVAILABLE)
+        if span.role == "worker":
+            launch = spans.worker_launches.get(self.model_id)
+            if launch is None:
+                raise StartError("a worker half starts only for its head's reservation")
+            return None, launch
+        reserve = asyncio.ensure_future(spans.reserve(self.model, self.log))
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait({reserve, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not reserve.done():
+            reserve.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StartError):
+                await reserve
+            raise StartError("stopped while reserving the worker half")
+        return reserve.result()
 
     def _before_launch(self) -> None:
         m = self.model
@@ -196,6 +232,10 @@ class EngineRun:
         timeout; None when ready (or asked to stop)."""
         mid = self.model_id
         cfg = self.model.cfg
+        if self.model.span is not None and self.model.span.role == "worker":
+            # A headless worker serves no API: it is up once launched, and the head's
+            # health tells whether the two halves found each other.
+            return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.health_timeout
         delay = FIRST_POLL_S
@@ -204,7 +244,7 @@ class EngineRun:
             while True:
                 if exited.done():
                     return Refusal(Reason.START_FAILED, mid, error=(
-                        f"the engine {describe_exit(exited.result())} while starting"
+                        f"the engine {self._describe_exit(exited.result())} while starting"
                         + self._tail()))
                 if stop.done() or await self.healthy():
                     return None
@@ -225,7 +265,7 @@ class EngineRun:
             await self._stop_task
         crash = None
         if not self.stop_requested.is_set():
-            crash = f"model {self.model_id!r} engine {describe_exit(code)} while serving"
+            crash = f"model {self.model_id!r} engine {self._describe_exit(code)} while serving"
             log.warning("%s; log: %s", crash, self.log.path)
             crash += self._tail()
         else:
@@ -251,6 +291,10 @@ class EngineRun:
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(self.engine.stop(self.model.cfg.stop_timeout))
         await self._stop_task
+
+    def _describe_exit(self, code: int) -> str:
+        # A spanning model's head is stopped by us when its worker half ends: say that.
+        return getattr(self.engine, "exit_reason", None) or describe_exit(code)
 
     async def healthy(self) -> bool:
         url = self.upstream.base_url + self.model.cfg.health
