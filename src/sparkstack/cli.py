@@ -178,35 +178,47 @@ def models(
                   highlight=False)
         raise typer.Exit(2)
     shown = [m for m in cfg.models.values() if all(t in m.cfg.tags for t in tag or ())]
+    from .weights import StateCache
+
+    here = StateCache()
     if as_json:
-        print(json.dumps([_model_json(m) for m in shown], indent=2))
+        print(json.dumps([_model_json(m, here.get(m)) for m in shown], indent=2))
         return
     title = f"{len(cfg.models)} models in {cfg.source}"
     if tag:
         title += f", {len(shown)} tagged {' and '.join(tag)}"
     if wide:
         table = Table(title=title, title_justify="left")
-        for col in ("id", "engine", "runtime", "image / weights", "memory", "context",
-                    "status", "tags", "notes"):
+        for col in ("id", "engine", "runtime", "image / weights", "downloaded", "memory",
+                    "context", "status", "tags", "notes"):
             table.add_column(col, no_wrap=True)
         for m in shown:
             table.add_row(m.id, m.cfg.engine, m.cfg.runtime, m.cfg.image or m.cfg.weights or "",
-                          f"{m.memory_gb:g} GB", _context(m.cfg.max_model_len), _status(m),
+                          here.get(m) or "", f"{m.memory_gb:g} GB",
+                          _context(m.cfg.max_model_len), _status(m),
                           ", ".join(m.cfg.tags), " ".join(m.cfg.notes.split()))
         # As wide as the table is: one model per line, for a pager (less -S) or a wide window.
         Console(width=100_000, soft_wrap=True).print(table, crop=False)
         return
     # Compact: four narrow columns, so the ids get the rest of an 80-column terminal.
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     table.add_column("id", overflow="fold", ratio=1)
     table.add_column("status", no_wrap=True)
     table.add_column("memory", no_wrap=True, justify="right")
     table.add_column("context", no_wrap=True, justify="right")
+    table.add_column("", no_wrap=True)  # one character: the ids keep their width
     for m in shown:
-        table.add_row(m.id, _status(m), f"{m.memory_gb:g} GB", _context(m.cfg.max_model_len))
+        table.add_row(m.id, _status(m), f"{m.memory_gb:g} GB", _context(m.cfg.max_model_len),
+                      WEIGHTS_MARK.get(here.get(m), ""))
     out.print(table)
-    out.print("--wide: image, tags and notes; --json: everything; --tag X: one kind of model",
+    out.print("--wide/--json: everything; --tag X: one kind; weights ✓ here ~ partial ✗ missing",
               style="dim", highlight=False)
+
+
+# Whether a model's hub weights are in its engine's cache (blank: nothing to download);
+# `sparkstack pull` fetches them.
+WEIGHTS_MARK = {"downloaded": "✓", "partial": "~", "missing": "✗"}
 
 
 def _status(m: Model) -> str:
@@ -224,10 +236,17 @@ def _context(tokens: int | None) -> str:
     return str(tokens)
 
 
-def _model_json(m: Model) -> dict[str, Any]:
+def _model_json(m: Model, weights_state: str | None) -> dict[str, Any]:
+    from .weights import WeightsError, hub_weights
+
     c = m.cfg
+    try:
+        hw = hub_weights(m)
+    except WeightsError:
+        hw = None
     return {"id": m.id, "served_name": m.served_name, "status": c.status, "engine": c.engine,
             "runtime": c.runtime, "image": c.image, "weights": c.weights,
+            "weights_state": weights_state, "weights_dir": str(hw.folder) if hw else None,
             "memory_gb": m.memory_gb, "gpu_memory_utilization": c.gpu_memory_utilization,
             "max_model_len": c.max_model_len, "pinned": c.pinned, "exclusive": c.exclusive,
             "tags": c.tags, "capabilities": c.capabilities, "aliases": c.aliases,
@@ -253,6 +272,58 @@ def setup(
     except (RuntimeError, OSError, aiohttp.ClientError) as e:
         err.print(f"[red]setup failed:[/] {e}")
         raise typer.Exit(1) from e
+
+
+@app.command()
+def pull(
+    ids: Annotated[list[str] | None, typer.Argument(help="model ids (or aliases)")] = None,
+    all_models: Annotated[bool, typer.Option(
+        "--all", help="every enabled model with hub weights")] = False,
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Download models' hub weights now, into the folder their engine reads them from,
+    so a first start does not download tens of GB against its health_timeout.
+    Resumable; honours HF_TOKEN and HF_ENDPOINT (docs/models.md)."""
+    from . import weights
+
+    if bool(ids) == all_models:
+        err.print("[red]name models to pull, or give --all[/]")
+        raise typer.Exit(2)
+    cfg = _load(config, catalog)
+    chosen = []
+    for name in ids or ():
+        model = cfg.resolve(name)
+        if model is None:
+            err.print(weights.unknown_model(cfg, name), style="red", markup=False,
+                      highlight=False)
+            raise typer.Exit(2)
+        chosen.append(model)
+    if all_models:
+        chosen = [m for m in cfg.models.values() if m.enabled]
+    failed, seen = 0, set()
+    for model in chosen:
+        try:
+            hw = weights.hub_weights(model)
+        except weights.WeightsError as e:
+            failed += 1
+            err.print(f"{model.id}: {e}", style="red", markup=False, highlight=False)
+            continue
+        if hw is None:
+            if not all_models:
+                out.print(f"{model.id}: nothing to pull: {weights.nothing_to_pull(model)}",
+                          highlight=False)
+            continue
+        if (hw.repo, hw.cache_dir) in seen:
+            continue
+        seen.add((hw.repo, hw.cache_dir))
+        try:
+            weights.pull(hw, lambda line: out.print(line, highlight=False))
+        except weights.WeightsError as e:
+            failed += 1
+            err.print(f"{model.id}: {e}", style="red", markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 images_app = typer.Typer(
