@@ -250,11 +250,31 @@ def test_the_reference_data_is_complete():
         assert model_id in part_b
 
 
+# Ours, not the original's: the original ran on one Spark.
+TWO_SPARKS = {"gpt-oss-120b-tp2"}
+
+
 def test_catalog_has_every_model_of_the_original_and_nothing_else(catalog):
     expected = {*SEED_IDS, *LATER_IDS, *COMMENTED_OUT}
     assert len(expected) == 27 + 15 + 11
-    assert sorted(catalog.models) == sorted(expected)
+    assert sorted(catalog.models) == sorted(expected | TWO_SPARKS)
     assert catalog.warnings == []
+
+
+def test_the_model_spanning_two_sparks_is_gpt_oss_120b_over_both(catalog):
+    """On one Spark it is listed disabled, saying why; with a peer it is the same engine as
+    gpt-oss-120b but for tensor parallel 2 and half the memory of each machine."""
+    alone = catalog.models["gpt-oss-120b-tp2"]
+    assert not alone.enabled and "needs two nodes" in alone.cfg.notes
+    text = builtin_catalog("dgx-spark").read_text() + (
+        "\nnode_name: spark-a\npeers: [{name: spark-b, url: 'http://127.0.0.1:1'}]\n")
+    with_peer = load_config(text=text, env={"SPARKSTACK_DATA": DATA})
+    tp2, one = with_peer.models["gpt-oss-120b-tp2"], with_peer.models["gpt-oss-120b"]
+    assert tp2.enabled and tp2.span is not None and tp2.span.worker == "spark-b"
+    assert (tp2.cfg.image, tp2.cfg.weights, tp2.cfg.env) == (one.cfg.image, one.cfg.weights,
+                                                              one.cfg.env)
+    assert [a for a in one.cfg.args if a not in tp2.cfg.args] == ["--tensor-parallel-size", "1"]
+    assert tp2.cfg.gpu_memory_utilization == 0.5 and not tp2.cfg.exclusive
 
 
 def test_top_level_settings(catalog):
