@@ -15,7 +15,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from rich.console import Console
 
+from sparkstack.client import status_table
 from sparkstack.config import Span, load_config
 from sparkstack.engines import SpanLaunch, launch_spec
 from sparkstack.runtime.span import SpannedEngine
@@ -97,8 +99,12 @@ async def test_a_model_spans_both_nodes_and_the_peer_makes_room(pair, http):
         listed = [m for m in (await resp.json())["data"] if m["id"] == "duo"]
     assert [m["node"] for m in listed] == ["spark-a"], "listed once, by its head's node"
     async with http.get(b.gw.url + "/api/models") as resp:
-        views = {m["id"]: m for m in (await resp.json())["models"]}
+        body = await resp.json()
+    views = {m["id"]: m for m in body["models"]}
     assert views["duo"]["span_role"] == "worker" and views["duo"]["span_partner"] == "spark-a"
+    console = Console(width=160, record=True)
+    console.print(status_table(body))
+    assert "duo (worker for spark-a)" in console.export_text(), "sparkstack status on B"
 
     # vLLM's own multi-node launch, with the link's settings, on each side.
     head_log = "\n".join(a.gw.supervisor.logs["duo"].tail(50))

@@ -168,7 +168,12 @@ def status_table(body: dict[str, Any], all_models: bool = False) -> Table:
             ttl = format_duration(max(0.0, m["idle_stop_at"] - now))
         else:
             ttl = "—"
-        table.add_row(m["id"], state, memory, str(m["in_flight"]), str(m["queued"]), idle, ttl)
+        name = m["id"]
+        if m.get("span_role") == "worker":  # its head on the other node holds it
+            name += f" (worker for {m.get('span_partner')})"
+        elif m.get("span_role") == "head":
+            name += f" (+ {m.get('span_partner')})"
+        table.add_row(name, state, memory, str(m["in_flight"]), str(m["queued"]), idle, ttl)
     if not models:
         table.add_row("(nothing running)", "", "", "", "", "", "")
     return table
