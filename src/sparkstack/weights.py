@@ -284,6 +284,16 @@ class DownloadWatch:
         self.extended += grew
         return grew
 
+    def describe(self) -> str:
+        return f"weights still downloading ({gb(self.size)} in {self.hw.folder})"
+
+    def stalled(self) -> str:
+        """What a timeout message adds once the download had kept the start going."""
+        if not self.extended:
+            return ""
+        return (f" after its weights download stalled in {self.hw.folder}; "
+                f"`sparkstack pull {self.hw.model_id}` fetches them ahead of time")
+
 
 # ------------------------------------------------------------------ pull
 

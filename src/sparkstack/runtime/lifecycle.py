@@ -27,6 +27,7 @@ from ..config import Model
 from ..engines import SpanLaunch, Upstream, launch_spec, upstream_for
 from ..scheduler.refusal import Reason, Refusal
 from ..telemetry.memory import meminfo
+from ..weights import DownloadWatch
 from .base import Engine, LogBuffer, Runtime, StartError, describe_exit
 from .span import SpanLease, SpannedEngine, Spans
 
@@ -229,7 +230,9 @@ class EngineRun:
 
     async def _wait_ready(self, exited: asyncio.Task[int]) -> Refusal | None:
         """Poll health (first poll at once, backing off to 50 ms) until ready, exit or
-        timeout; None when ready (or asked to stop)."""
+        timeout; None when ready (or asked to stop). While the engine downloads the
+        model's hub weights, each health_timeout that saw bytes arrive starts another
+        (weights.DownloadWatch)."""
         mid = self.model_id
         cfg = self.model.cfg
         if self.model.span is not None and self.model.span.role == "worker":
@@ -238,6 +241,7 @@ class EngineRun:
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.health_timeout
+        downloads = await asyncio.to_thread(DownloadWatch.of, self.model)
         delay = FIRST_POLL_S
         stop = asyncio.create_task(self.stop_requested.wait())
         try:
@@ -249,10 +253,16 @@ class EngineRun:
                 if stop.done() or await self.healthy():
                     return None
                 remaining = deadline - loop.time()
+                if remaining <= 0 and downloads and await asyncio.to_thread(downloads.grew):
+                    self.log.write(f"sparkstack: {downloads.describe()}: health_timeout "
+                                   "starts again")
+                    deadline = loop.time() + cfg.health_timeout
+                    remaining = cfg.health_timeout
                 if remaining <= 0:
                     return Refusal(Reason.START_TIMEOUT, mid, error=(
                         f"it did not become healthy within {cfg.health_timeout:g} s "
-                        f"(health_timeout)" + self._tail()))
+                        f"(health_timeout)" + (downloads.stalled() if downloads else "")
+                        + self._tail()))
                 await asyncio.wait({exited, stop}, timeout=min(delay, remaining))
                 delay = min(delay * 2, MAX_POLL_S)
         finally:
