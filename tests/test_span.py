@@ -261,3 +261,47 @@ def test_without_a_peer_a_spanning_model_is_listed_disabled_with_the_reason():
     config = load_config(text="models:\n  big: {engine: vllm, weights: x/y, nodes: 2}\n")
     big = config.models["big"]
     assert not big.enabled and "needs two nodes" in big.cfg.notes
+
+
+async def test_a_worker_node_that_falls_silent_ends_the_lease(tmp_path):
+    """A peer that stops answering (frozen, cable pulled) is gone after three heartbeats
+    and the margin: the head must not serve on with half a model."""
+    from aiohttp import web
+
+    from sparkstack.runtime.base import LogBuffer
+    from sparkstack.runtime.span import SILENCE_MARGIN_S, Spans, event_line, silence
+
+    frozen = asyncio.Event()
+
+    async def reserve(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(event_line("accepted", master_addr="127.0.0.1", heartbeat=0.1))
+        await response.write(event_line("ready"))
+        await frozen.wait()  # then nothing, not even a heartbeat
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/span/{model}", reserve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = load_config(text=f"""
+    node_name: spark-a
+    peers: [{{name: spark-b, url: "http://127.0.0.1:{port}"}}]
+    models:
+      big: {{engine: vllm, weights: x/y, memory_gb: 1, nodes: 2}}
+    """)
+    try:
+        async with aiohttp.ClientSession() as http:
+            spans = Spans(config, http)
+            lease, launch = await spans.reserve(config.models["big"], LogBuffer())
+            assert launch.rank == 0 and launch.master_addr == "127.0.0.1"
+            async with asyncio.timeout(silence(0.1) + 30):
+                why = await lease.ended
+            assert why == f"stopped answering for {0.3 + SILENCE_MARGIN_S:g} s"
+            await lease.release()
+    finally:
+        frozen.set()
+        await runner.cleanup()
