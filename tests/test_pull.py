@@ -5,6 +5,7 @@ which weights are here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from rich.console import Console
 
+from sparkstack.client import status_table
+
+from .conftest import fake
 from .fake_hub import FakeHub, HubThread, Repo
 
 SPARKSTACK = [sys.executable, "-m", "sparkstack.cli"]
@@ -187,3 +192,43 @@ def test_a_missing_or_gated_repo_and_an_unknown_model_say_what_to_do(hub, catalo
     assert "no model 'tinny'" in typo.stderr and "did you mean tiny" in typo.stderr
     nothing = run(hub, "pull", "--config", str(catalog), home=tmp)
     assert nothing.returncode == 2 and "name models to pull, or give --all" in nothing.stderr
+
+
+async def test_the_gateway_and_status_show_whether_weights_are_here(start_gateway, tmp_path):
+    gw = await start_gateway(f"""
+        big:
+          engine: vllm
+          command: {fake()}
+          weights: acme/big
+          env: {{HF_HUB_CACHE: "{tmp_path / 'hub'}"}}
+          memory_gb: 1
+        small:
+          command: {fake()}
+          memory_gb: 1
+    """)
+
+    async def views() -> dict:
+        async with gw.http.get(gw.url + "/api/models") as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    body = await views()
+    assert {m["id"]: m["weights_state"] for m in body["models"]} == {
+        "big": "missing", "small": None}
+    console = Console(width=160, record=True)
+    console.print(status_table(body, all_models=True))
+    assert "stopped, weights missing (sparkstack pull)" in console.export_text()
+
+    # The weights arrive (as a pull or the engine leaves them): the views follow.
+    snap = tmp_path / "hub" / "models--acme--big" / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("c0ffee")
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"w" * 64)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (state := {m["id"]: m for m in (await views())["models"]}["big"]["weights_state"]
+           ) != "downloaded" and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    assert state == "downloaded"

@@ -156,6 +156,8 @@ def status_table(body: dict[str, Any], all_models: bool = False) -> Table:
             state += f" {progress}" + (f" {format_duration(now - since)}" if since else "")
         elif state == "stopped" and m.get("last_error"):
             state = "failed: " + m["last_error"].splitlines()[0][:60]
+        elif state == "stopped" and m.get("weights_state") in ("partial", "missing"):
+            state = f"stopped, weights {m['weights_state']} (sparkstack pull)"
         measured_gb = m.get("memory_measured_gb")
         memory = (f"{_gb(measured_gb)}/{m['memory_gb']:g} GB" if measured_gb is not None
                   else f"-/{m['memory_gb']:g} GB")

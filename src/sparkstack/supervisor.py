@@ -33,6 +33,7 @@ from .telemetry.loadtimes import read_load_times, record_load_time
 from .telemetry.memory import MemoryMonitor
 from .telemetry.progress import ProgressParser
 from .views import ModelView, Snapshot, wall
+from .weights import StateCache
 
 log = logging.getLogger("sparkstack.supervisor")
 
@@ -78,6 +79,7 @@ class Supervisor:
         # Telemetry (docs/monitoring.md): events out, load progress and measured memory in.
         self.bus = bus or EventBus()
         self.memory = MemoryMonitor(data_dir)
+        self.weights = StateCache()
         self.memory_interval = memory_interval
         self._published: dict[str, State] = {}  # the state each model's last event showed
         self._loads: dict[str, tuple[ProgressParser, float, Callable[[str], None]]] = {}
@@ -172,6 +174,7 @@ class Supervisor:
             memory_peak_gb=peak, memory_source=measured.source if measured else None,
             span_role=m.span.role if m.span else None,
             span_partner=m.span.partner if m.span else None,
+            weights_state=self.weights.get(m),
         )
 
     async def load(self, model_id: str) -> None:

@@ -52,6 +52,9 @@ class ModelView:
     memory_measured_gb: float | None = None
     memory_peak_gb: float | None = None
     memory_source: str | None = None
+    # Whether its hub weights are in its engine's cache: downloaded | partial | missing
+    # (None: nothing to download). weights.py.
+    weights_state: str | None = None
     # A model spanning two nodes: the half running here (head | worker), the other node.
     span_role: str | None = None
     span_partner: str | None = None
