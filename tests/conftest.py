@@ -20,7 +20,7 @@ import aiodocker
 import aiohttp
 import pytest
 
-from sparkstack.config import Config, load_config
+from sparkstack.config import Config, builtin_catalog, load_config
 from sparkstack.gateway.server import ServeInfo, serve
 from sparkstack.runtime.docker import LABEL_MODEL
 from sparkstack.scheduler import ModelState, State
@@ -197,42 +197,65 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.fixture
-async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
-    """`await start_gateway(models_yaml, **settings)` → a serving Gateway; stopped after."""
-    stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
-    sessions: list[aiohttp.ClientSession] = []
-
-    async def start(models: str | Config, **settings: Any) -> Gateway:
-        """`models`: the YAML of the models (beside `settings`), or a whole Config."""
-        if isinstance(models, Config):
-            config = models
-        else:
-            # Swaps happen at once unless a test asks for min_residency (its own tests).
-            settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, "min_residency": "0s",
-                        **settings}
-            text = "".join(f"{k}: {v}\n" for k, v in settings.items())
-            text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
-            path = tmp_path / "sparkstack.yaml"
-            path.write_text(text)
-            config = load_config(path)
-        ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        task = asyncio.create_task(serve(
-            config, f"127.0.0.1:{free_port()}", data_dir=tmp_path / "data", extra_keys=[KEY],
-            on_ready=ready.set_result, stop=stop))
-        stops.append((stop, task))
+@contextlib.asynccontextmanager
+async def serving(config: Config, data_dir: Path) -> AsyncIterator[Gateway]:
+    """A gateway serving `config` on a free port (with the test key) for the block."""
+    ready: asyncio.Future[ServeInfo] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(
+        config, f"127.0.0.1:{free_port()}", data_dir=data_dir, extra_keys=[KEY],
+        on_ready=ready.set_result, stop=stop))
+    try:
         done, _ = await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()
         info = ready.result()
-        session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"})
-        sessions.append(session)
-        return Gateway(info.url, info.supervisor, session)
-
-    yield start
-    for session in sessions:
-        await session.close()
-    for stop, task in stops:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
+            yield Gateway(info.url, info.supervisor, session)
+    finally:
         stop.set()
         await task
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """`await start_gateway(models_yaml, **settings)` → a serving Gateway; stopped after."""
+    async with contextlib.AsyncExitStack() as gateways:
+
+        async def start(models: str | Config, **settings: Any) -> Gateway:
+            """`models`: the YAML of the models (beside `settings`), or a whole Config."""
+            if isinstance(models, Config):
+                config = models
+            else:
+                # Swaps happen at once unless a test asks for min_residency (its own tests).
+                settings = {"api_keys": f"[{KEY}]", "memory_gb": 10, "min_residency": "0s",
+                            **settings}
+                text = "".join(f"{k}: {v}\n" for k, v in settings.items())
+                text += "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
+                path = tmp_path / "sparkstack.yaml"
+                path.write_text(text)
+                config = load_config(path)
+            return await gateways.enter_async_context(serving(config, tmp_path / "data"))
+
+        yield start
+
+
+@pytest.fixture(scope="module")
+def demo() -> Config:
+    """The CPU demo catalog (real llama-server, packaged models); with CI=true its
+    absence fails the test instead of skipping it."""
+    from sparkstack.engines import describe_packaged, llama_server_binary
+
+    config = load_config(builtin_catalog("demo-cpu"))
+    missing = [m.cfg.weights for m in config.models.values()
+               if describe_packaged(m.cfg.weights or "") is not None]
+    try:
+        llama_server_binary()
+    except Exception as e:
+        missing.append(str(e))
+    if missing:
+        message = f"the demo's engine or models are not installed (make install): {missing}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return config

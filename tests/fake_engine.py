@@ -140,6 +140,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print this recorded engine log while starting (load progress)")
     p.add_argument("--no-usage", action="store_true",
                    help="never report usage (an engine that ignores stream_options)")
+    # What a capable engine does with a non-streamed chat (sparkstack probe's checks).
+    p.add_argument("--tool-calls", action="store_true",
+                   help="call the first tool offered, until a tool result is in the chat")
+    p.add_argument("--reasoning", action="store_true",
+                   help="give a reasoning_content apart from the content")
+    p.add_argument("--json-mode", action="store_true",
+                   help="response_format json_object: the content is a JSON object")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="answer 400 when prompt (words) and max_tokens exceed this")
     # vLLM's multi-node launch: the head (rank 0) is healthy only once the worker has
     # connected to its master port; the worker (--headless) serves no HTTP. Like an
     # engine that hangs rather than exits, neither half stops when the other goes away:
@@ -310,6 +319,11 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         "completion_tokens": len(pieces),
         "total_tokens": len(prompt.split()) + len(pieces),
     }
+    if args.context is not None and usage["prompt_tokens"] + (max_tokens or 0) > args.context:
+        return error_reply(request, 400, f"This model's maximum context length is "
+                           f"{args.context} tokens. However, you requested "
+                           f"{usage['prompt_tokens'] + (max_tokens or 0)} tokens.",
+                           "invalid_request_error")
     base = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}",
         "created": int(time.time()),
@@ -342,9 +356,11 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     if chat:
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": chat_message(args, body, prompt, text),
             "finish_reason": "stop",
         }
+        if choice["message"].get("tool_calls"):
+            choice["finish_reason"] = "tool_calls"
     else:
         choice = {"index": 0, "text": text, "finish_reason": "stop"}
     obj = "chat.completion" if chat else "text_completion"
@@ -352,6 +368,28 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     if args.no_usage:
         del reply["usage"]
     return json_reply(request, reply)
+
+
+def chat_message(args: argparse.Namespace, body: dict[str, Any], prompt: str, text: str
+                 ) -> dict[str, Any]:
+    """The assistant message of a non-streamed chat, as the engine options shape it."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    tools = body.get("tools") or []
+    results = [m for m in body.get("messages") or []
+               if isinstance(m, dict) and m.get("role") == "tool"]
+    if args.tool_calls and tools and not results:
+        name = tools[0]["function"]["name"]
+        message = {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps({"city": "Paris"})}}]}
+    elif args.tool_calls and results:
+        message["content"] = f"The tool said: {text_of(results[-1].get('content'))}"
+    fmt = body.get("response_format")
+    if args.json_mode and isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        message["content"] = json.dumps({"answer": text.strip()})
+    if args.reasoning:
+        message["reasoning_content"] = f"The user asked: {prompt}"
+    return message
 
 
 async def stream_completion(

@@ -9,14 +9,9 @@ the official openai SDK. With CI=true they fail (not skip) when the engine is mi
 
 from __future__ import annotations
 
-import os
-
 import aiohttp
 import openai
 import pytest
-
-from sparkstack.config import builtin_catalog, load_config
-from sparkstack.engines import describe_packaged
 
 from .conftest import KEY
 
@@ -26,25 +21,6 @@ WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
-
-
-@pytest.fixture(scope="module")
-def demo():
-    config = load_config(builtin_catalog("demo-cpu"))
-    missing = [m.cfg.weights for m in config.models.values()
-               if describe_packaged(m.cfg.weights or "") is not None]
-    try:
-        from sparkstack.engines import llama_server_binary
-
-        llama_server_binary()
-    except Exception as e:
-        missing.append(str(e))
-    if missing:
-        message = f"the demo's engine or models are not installed (make install): {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return config
 
 
 def sdk(url: str) -> openai.AsyncOpenAI:

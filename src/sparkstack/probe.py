@@ -64,7 +64,8 @@ TOOL_RESULT = "18 degrees Celsius and sunny"
 # estimate of it is close, so a prompt near the limit is not refused on a guess.
 FILLER = "The quick brown fox jumps over the lazy dog. "
 CALIBRATE = (16, 64)  # filler repeats of the two prompts whose usage sizes the rest
-ANSWER_TOKENS = 128
+ANSWER_TOKENS = 32  # a sentence: the probes check that an answer comes, not its length
+OBJECT_TOKENS = 64  # room for a whole JSON object or tool call
 REASONING_TOKENS = 2048  # a thinking model spends tokens before it answers
 
 
@@ -343,10 +344,10 @@ class Prober:
             return Cell("fail", f"{detail}; the answer to its result failed: {why}", took)
         return Cell("ok", f"{detail}, then answered: {_short(text, 40)}", took)
 
-    async def reasoning(self, model: str) -> Cell:
+    async def reasoning(self, model: str, tokens: int) -> Cell:
         body = self.chat_body(model, "How many times does the letter r occur in "
                               "'strawberry'? Think it through, then answer.",
-                              REASONING_TOKENS, reasoning_effort="low")
+                              tokens, reasoning_effort="low")
         reply = await self.chat(body)
         msg = message_of(reply) if reply.ok else None
         if msg is None:
@@ -467,15 +468,21 @@ class Prober:
             put("embeddings", await self.embeddings(mid))
             return result
         thinks = "reasoning" in caps
-        tokens = REASONING_TOKENS if thinks else ANSWER_TOKENS
+        limit = info.get("context_length")
+
+        def room(n: int) -> int:  # an answer that leaves a small context room for the prompt
+            return min(n, max(16, limit // 4)) if limit else n
+
+        tokens = room(REASONING_TOKENS if thinks else ANSWER_TOKENS)
+        objects = room(REASONING_TOKENS if thinks else OBJECT_TOKENS)
         put("chat", await self.plain(mid, tokens))
         put("stream", await self.stream(mid, tokens))
-        put("tools", await self.tools(mid, tokens) if "tools" in caps
+        put("tools", await self.tools(mid, objects) if "tools" in caps
             else Cell("n/a", "no 'tools' capability"))
-        put("reasoning", await self.reasoning(mid) if thinks
+        put("reasoning", await self.reasoning(mid, tokens) if thinks
             else Cell("n/a", "no 'reasoning' capability"))
-        put("json", await self.json_mode(mid, tokens))
-        put("context", await self.context(mid, info.get("context_length")))
+        put("json", await self.json_mode(mid, objects))
+        put("context", await self.context(mid, limit))
         put("concurrent", await self.concurrent(mid, tokens))
         put("embeddings", Cell("n/a", "not an embeddings model"))
         return result
