@@ -261,6 +261,10 @@ def test_catalog_has_every_model_of_the_original_and_nothing_else(catalog):
     assert catalog.warnings == []
 
 
+def test_the_sglang_utility_runs_its_command_without_the_images_entrypoint(catalog):
+    assert catalog.models["qwen3.5-0.8b"].cfg.entrypoint == [], "as the original did"
+
+
 def test_the_model_spanning_two_sparks_is_gpt_oss_120b_over_both(catalog):
     """On one Spark it is listed disabled, saying why; with a peer it is the same engine as
     gpt-oss-120b but for tensor parallel 2 and half the memory of each machine."""

@@ -197,3 +197,19 @@ async def test_container_crash_while_serving_is_noticed_and_restarts(
     assert "code 3" in (gw.state("dk").last_error or "")
     assert (await gw.chat("dk"))[0] == 200, "the next request starts it again"
     assert (await info(docker, "dk"))["Id"] == first["Id"]
+
+
+async def test_an_empty_entrypoint_runs_the_command_without_the_images_own(
+        start_gateway, tmp_path, docker, docker_image):
+    """Some images' entrypoint does not pass the command on (the SGLang utility image:
+    the original emptied it); `entrypoint: []` runs the command as the catalog wrote it."""
+    image = "sparkstack-test-entrypoint:1"
+    build = subprocess.run(
+        ["docker", "build", "-q", "-t", image, "-"], capture_output=True, text=True,
+        input=f'FROM {docker_image}\nENTRYPOINT ["/bin/false"]\n', timeout=120)
+    assert build.returncode == 0, build.stderr
+    entry = docker_model("ep", tmp_path).replace(f"image: {IMAGE}", f"image: {image}")
+    gw = await start_gateway(entry.rstrip() + "\n      entrypoint: []\n")
+    status, body = await gw.chat("ep")
+    assert status == 200, body
+    assert not (await info(docker, "ep"))["Config"]["Entrypoint"]

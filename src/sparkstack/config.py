@@ -270,6 +270,9 @@ class ModelConfig(BaseModel):
     cwd: str | None = None
     # runtime: docker
     image: str | None = None
+    # Replaces the image's entrypoint; [] runs the command without it (an image whose
+    # entrypoint would not pass the command on). Unset: the image's own.
+    entrypoint: list[str] | None = None
     volumes: list[str] = Field(default_factory=list)
     gpus: str = "all"  # none | all | device ids ("0,1")
     shm_size: str = "16g"

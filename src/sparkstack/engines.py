@@ -72,6 +72,7 @@ ENGINE_FIELDS = frozenset({
     "runtime", "engine", "command", "weights", "args", "gpu_memory_utilization",
     "upstream", "health", "max_model_len", "served_name", "env", "cwd", "image", "volumes",
     "gpus", "shm_size", "ulimits", "ipc", "serve_style", "drop_page_cache", "nodes",
+    "entrypoint",
 })
 
 
@@ -127,12 +128,15 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path,
     if span is not None:
         argv += span.flags()
         env |= span.environment()
-    identity = hashlib.sha256(json.dumps({
+    fields = {
         "argv": argv, "env": env, "runtime": cfg.runtime, "image": cfg.image,
         "volumes": cfg.volumes, "gpus": cfg.gpus, "shm_size": cfg.shm_size, "ipc": cfg.ipc,
         "ulimits": cfg.ulimits,
         "cwd": cfg.cwd,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    }
+    if cfg.entrypoint is not None:  # only when set: existing containers keep their hash
+        fields["entrypoint"] = cfg.entrypoint
+    identity = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def fill(text: str) -> str:
         return substitute_port(text, port).replace(ENGINE_KEY, key or "")

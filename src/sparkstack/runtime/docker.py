@@ -77,13 +77,16 @@ def container_config(spec: LaunchSpec, labels: dict[str, str]) -> dict[str, Any]
         else:
             request["DeviceIDs"] = [d.strip() for d in cfg.gpus.split(",") if d.strip()]
         host["DeviceRequests"] = [request]
-    return {
+    config = {
         "Image": cfg.image,
         "Cmd": list(spec.argv),
         "Env": [f"{k}={v}" for k, v in spec.env.items()],
         "Labels": labels,
         "HostConfig": host,
     }
+    if cfg.entrypoint is not None:  # [] runs the command itself, without the image's
+        config["Entrypoint"] = list(cfg.entrypoint)
+    return config
 
 
 class ContainerEngine:
