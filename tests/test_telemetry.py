@@ -253,6 +253,16 @@ def test_progress_from_recorded_vllm_log():
     assert steps[-1] == ("server", 100.0)
 
 
+def test_progress_from_recorded_vllm_cpu_log():
+    # vLLM 0.32.0's CPU build, as tests/test_e2e_vllm.py ran it (--enforce-eager): it says
+    # "disabling torch.compile" (no compile phase), "CPU KV cache size", and
+    # "Starting vLLM server on".
+    steps = parse_log((DATA / "vllm-cpu-load.log").read_text().split("\n"))
+    assert steps == [("weights", None), ("weights", 0.0), ("weights", 100.0),
+                     ("kv-cache", None), ("warmup", 100.0), ("server", None),
+                     ("server", 100.0)]
+
+
 @pytest.mark.parametrize("name", ["llamacpp-load.log", "llamacpp-load-2025.log"])
 def test_progress_from_recorded_llamacpp_logs(name):
     steps = parse_log((DATA / name).read_text().split("\n"))

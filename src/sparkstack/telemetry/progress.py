@@ -27,12 +27,14 @@ _RAW: list[tuple[str, str, float | None]] = [
      "cuda-graphs", -1),
     (r"Graph capturing finished|Capture cuda graph end", "cuda-graphs", 100.0),
     (r"torch\.compile takes", "compile", 100.0),
-    (r"torch\.compile|Dynamo bytecode transform|Compiling a graph", "compile", None),
-    (r"Memory profiling takes|Available KV cache memory|GPU KV cache size|KV Cache is allocated",
-     "kv-cache", None),
+    # Not "Enforce eager set, disabling torch.compile": that run compiles nothing.
+    (r"(?<!disabling )torch\.compile|Dynamo bytecode transform|Compiling a graph", "compile",
+     None),
+    (r"Memory profiling takes|Available KV cache memory|[GC]PU KV cache size"
+     r"|KV Cache is allocated", "kv-cache", None),
     (r"Capture cuda graph begin|Capturing CUDA graph", "cuda-graphs", None),
     (r"init engine \(profile, create kv cache, warmup model\) took", "warmup", 100.0),
-    (r"Starting vLLM API server|Started server process|Waiting for application startup",
+    (r"Starting vLLM (?:API )?server|Started server process|Waiting for application startup",
      "server", None),
     (r"Application startup complete|The server is fired up", "server", 100.0),
     # ---- llama.cpp (llama-server): recent builds and older ones
