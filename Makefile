@@ -41,9 +41,10 @@ SOAK_SECONDS ?= 600
 soak: install
 	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -m soak tests/faults/test_soak.py
 
-## bench: the performance harness (never part of `make test`)
+## bench: the performance harness (never part of `make test`); LiteLLM in .venv-litellm
 bench: system-deps install
 	$(BIN)/pip install -q -e '.[dev,demo,bench]'
+	@bash scripts/litellm-venv.sh
 	$(BIN)/python -m bench.run
 
 ## bench-policy: scheduling policies replayed on traces (docs/scheduling.md); no processes
@@ -59,4 +60,4 @@ vllm-cpu:
 	@bash scripts/vllm-cpu.sh
 
 clean:
-	rm -rf $(VENV) .venv-vllm build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .venv-litellm build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from .common import RESULTS, ROOT
 DOC = ROOT / "docs" / "performance.md"
 PERF = ROOT / "docs" / "perf"
 TARGETS = ("direct", "nginx", "gateway")
+PEER = "litellm"
 COLORS = {"direct": "#888888", "nginx": "#4c72b0", "gateway": "#dd8452",
           "poller": "#888888", "sparkstack": "#dd8452"}
 
@@ -58,12 +59,64 @@ def summary(r: dict[str, Any]) -> str:
                   "met" if t["met"] and t["worst_run_met"] else
                   "met (median)" if t["met"] else "MISSED")
         lines.append(f"{t['label']:<48} {thr:>14}  {value:<34} {result}")
+    peer = peer_rows(sp, r["meta"]["settings"])
+    if peer:
+        lines.append(f"\n{'sparkstack vs LiteLLM':<48} {'sparkstack':>14}  "
+                     f"{'LiteLLM':<34} sparkstack's lead")
+        for label, ours, theirs, lead, ahead in peer:
+            lines.append(f"{label:<48} {ours:>14}  {theirs:<34} {lead} ({ahead})")
     errors = r["meta"].get("errors") or {}
     for scenario, e in errors.items():
         lines.append(f"! {scenario} failed: {e.splitlines()[0]}")
     for p in r["meta"].get("problems") or []:
         lines.append(f"! {p}")
     return "\n".join(lines)
+
+
+def peer_rows(sp: dict[str, Any], s: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(figure, sparkstack, LiteLLM, sparkstack's lead as a ratio, ahead/equal/BEHIND) for
+    every figure measured on both; empty when LiteLLM was not measured. Chunks lost compare
+    the mean per run (LiteLLM has fewer 400-stream runs)."""
+    if "litellm_rps_c16" not in sp:
+        return []
+    rows = []
+    many, few = f"{s['streams']} paced streams", f"{s['light_streams']} paced streams"
+    # (label, sparkstack's key, LiteLLM's key, ratio key, higher is better, digits)
+    for label, ours, theirs, lead, higher, digits in (
+        ("added latency p50, 1 client (ms)", "added_latency_ms_p50_c1",
+         "litellm_added_latency_ms_p50_c1", "vs_litellm_added_latency_p50_c1", False, 2),
+        ("added latency p99, 1 client (ms)", "added_latency_ms_p99_c1",
+         "litellm_added_latency_ms_p99_c1", "vs_litellm_added_latency_p99_c1", False, 2),
+        ("… p50, proxy on its own CPU (ms)", "added_latency_ms_p50_c1_split",
+         "litellm_added_latency_ms_p50_c1_split", "vs_litellm_added_latency_p50_c1_split",
+         False, 2),
+        ("… p99, proxy on its own CPU (ms)", "added_latency_ms_p99_c1_split",
+         "litellm_added_latency_ms_p99_c1_split", "vs_litellm_added_latency_p99_c1_split",
+         False, 2),
+        ("requests/s, 16 clients", "rps_c16", "litellm_rps_c16", "vs_litellm_rps_c16", True, 0),
+        (f"{many}: chunks lost", "gateway_stream_chunks_lost",
+         "litellm_stream_chunks_lost", None, False, 0),
+        (f"{many}: added delay p99 (ms)", "stream_added_delay_ms_p99",
+         "litellm_stream_added_delay_ms_p99", None, False, 1),
+        (f"{many}: first chunk p50 (ms)", "gateway_stream_first_chunk_ms_p50",
+         "litellm_stream_first_chunk_ms_p50", "vs_litellm_stream_first_chunk_p50", False, 1),
+        (f"{few}: chunks lost", "gateway_light_chunks_lost",
+         "litellm_light_chunks_lost", None, False, 0),
+        (f"{few}: added delay p99 (ms)", "gateway_light_added_delay_ms_p99",
+         "litellm_light_added_delay_ms_p99", "vs_litellm_light_added_delay_p99", False, 1),
+        (f"{few}: first chunk p50 (ms)", "gateway_light_first_chunk_ms_p50",
+         "litellm_light_first_chunk_ms_p50", "vs_litellm_light_first_chunk_p50", False, 1),
+    ):
+        a, b = sp.get(ours) or {}, sp.get(theirs) or {}
+        if a.get("median") is None or b.get("median") is None:
+            continue
+        x, y = a["median"], b["median"]
+        if "chunks lost" in label:  # every lost chunk counts, not the median run's
+            x, y = sum(a["runs"]) / len(a["runs"]), sum(b["runs"]) / len(b["runs"])
+        ahead = "ahead" if (x > y if higher else x < y) else "equal" if x == y else "BEHIND"
+        ratio = fmt(sp.get(lead), 1) + " ×" if lead and sp.get(lead, {}).get("median") else "—"
+        rows.append((label, fmt(a, digits), fmt(b, digits), ratio, ahead))
+    return rows
 
 
 # ---------------------------------------------------------------- plots
@@ -262,7 +315,7 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
       "`bench/wrk/chat.lua`, and `bench/streamload.py` (raw-protocol SSE client, one process).")
     pin = m.get("cpu_pinning") or {}
     if pin.get("proxy"):
-        w(f"- CPU pinning: the proxy under test (gateway or nginx) runs alone on CPU "
+        w(f"- CPU pinning: the proxy under test (gateway, nginx or LiteLLM) runs alone on CPU "
           f"{pin['proxy']}; the stub, wrk, the stream generator and the harness share CPU(s) "
           f"{pin['harness']}, the same for every target. So *direct* shows the ceiling of "
           "the stub plus the load generator, and a proxy can at best match it.")
@@ -297,13 +350,16 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
           "The *own CPU* rows repeat the runs with the proxy alone on its CPU (as in the "
           "other tests): every request then crosses CPUs four times, and waking an idle "
           "vCPU costs a VM far more than bare metal; nginx's two rows show that cost.\n")
+        peer = PEER in raw["traffic"]["latency"]
         row("target", "p50 (ms)", "p99 (ms)", "added p50 (ms)", "added p99 (ms)")
         row("---", "---", "---", "---", "---")
         for t, suffix, label in (("direct", "", "direct"), ("nginx", "", "nginx"),
                                  ("gateway", "", "**gateway**"),
+                                 *([(PEER, "", "LiteLLM")] if peer else []),
                                  ("nginx", "_split", "nginx, own CPU"),
-                                 ("gateway", "_split", "gateway, own CPU")):
-            prefix = {"gateway": "", "nginx": "nginx_", "direct": None}[t]
+                                 ("gateway", "_split", "gateway, own CPU"),
+                                 *([(PEER, "_split", "LiteLLM, own CPU")] if peer else [])):
+            prefix = {"gateway": "", "nginx": "nginx_", "direct": None, PEER: "litellm_"}[t]
             added = ((fmt(sp.get(f"{prefix}added_latency_ms_p50_c1{suffix}"), 3),
                       fmt(sp.get(f"{prefix}added_latency_ms_p99_c1{suffix}"), 3))
                      if prefix is not None else ("—", "—"))
@@ -318,8 +374,9 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
         row("target", "requests/s", "p99 latency (ms)", "vs direct", "vs nginx")
         row("---", "---", "---", "---", "---")
         for t, key in (("direct", "direct_rps_c16"), ("nginx", "nginx_rps_c16"),
-                       ("gateway", "rps_c16")):
-            row(t, fmt(sp.get(key), 0), fmt(sp.get(f"{t}_latency_ms_p99_c16"), 2),
+                       ("gateway", "rps_c16"), *([(PEER, "litellm_rps_c16")] if peer else [])):
+            row("LiteLLM" if t == PEER else t, fmt(sp.get(key), 0),
+                fmt(sp.get(f"{t}_latency_ms_p99_c16"), 2),
                 fmt(sp.get(f"{t}_rps_c16_vs_direct"), 2) if t != "direct" else "—",
                 fmt(sp.get("rps_c16_vs_nginx"), 2) if t == "gateway" else "—")
         w("")
@@ -338,9 +395,10 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
           f"{s['streams'] / s['interval']:,.0f} chunks/s in total), started evenly over "
           f"{s['stream_ramp']:g} s. The stub sends chunk *i* of a stream at exactly "
           "*t0 + i × 20 ms* (absolute timer deadlines). For every chunk the generator "
-          "records its arrival; **chunk delay** = arrival(i) − (arrival(0) + i × 20 ms), "
-          "i ≥ 1, i.e. how far behind the engine's schedule the client sees it, anchored on "
-          "the stream's first chunk. Direct, this is the stub's and the generator's own "
+          "records its arrival; **chunk delay** = arrival(i) − i × 20 ms − min over j of "
+          "(arrival(j) − j × 20 ms), i.e. how far behind the engine's schedule the client "
+          "sees it, the schedule laid on the stream's most punctual chunk (so a first chunk "
+          "held back counts as late). Direct, this is the stub's and the generator's own "
           "jitter; **added delay p99** = p99 through the proxy − p99 direct (same repeat). "
           "A chunk is lost if a stream ends with fewer than "
           f"{s['chunks']} data events. CPU is utime+stime from `/proc/<pid>/stat` over the "
@@ -361,6 +419,13 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
                 fmt(cpu) if cpu else "—",
                 fmt(sp.get(f"{t}_stream_stub_cpu_cores")),
                 fmt(sp.get(f"{t}_stream_loadgen_cpu_cores")))
+        if peer:
+            row("LiteLLM", fmt(sp.get("litellm_stream_chunks_lost"), 0),
+                fmt(sp.get("litellm_stream_delay_ms_p50")),
+                fmt(sp.get("litellm_stream_delay_ms_p99")),
+                fmt(sp.get("litellm_stream_delay_ms_max")),
+                fmt(sp.get("litellm_stream_added_delay_ms_p99")), "—",
+                fmt(sp.get("litellm_stream_cpu_cores")) + " (whole run)", "—", "—")
         w("")
         w("*steady p99* counts only chunks that arrived while every stream was running (after "
           "the last one started, before the first one ended), leaving out the start-up "
@@ -477,6 +542,9 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
             w("")
             img("llama", "llama.cpp through the gateway and direct")
 
+    if sp.get("litellm_rps_c16"):
+        peer_section(w, row, r)
+
     prof = (raw.get("traffic") or {}).get("profile")
     if prof and "skipped" not in prof:
         w("## Where the gateway's CPU goes (py-spy)\n")
@@ -505,6 +573,51 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
                 row(*cells)
             w("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def peer_section(w: Any, row: Any, r: dict[str, Any]) -> None:
+    s, sp, tr = r["meta"]["settings"], r["spread"], r["raw"]["traffic"]
+    w("## 8. Against LiteLLM's proxy\n")
+    w(f"LiteLLM {tr.get('litellm_version')} (`litellm[proxy]` in `.venv-litellm`), the "
+      "relay a Python user would pick, in every test above on the same stub, load and CPU "
+      "as nginx and the gateway: its own CLI with one worker (its default server, uvicorn; "
+      "the gateway has one process too), the stub as an OpenAI-compatible model "
+      "(`openai/fast`, `api_base` the stub), a master key (the gateway checks a key too), no "
+      "database, spend and error logs off, no callbacks, errors-only logging, and the model "
+      "cost map from the package (`LITELLM_LOCAL_MODEL_COST_MAP=True`: nothing leaves the "
+      "machine). Config: `bench/litellm_proxy.py`. **Lead** is sparkstack's advantage as a "
+      "ratio paired run by run (LiteLLM's added figure ÷ the gateway's; the gateway's "
+      "requests/s ÷ LiteLLM's).\n")
+    row("figure", "sparkstack", "LiteLLM", "sparkstack's lead", "")
+    row("---", "---", "---", "---", "---")
+    for label, ours, theirs, lead, ahead in peer_rows(sp, s):
+        row(label, ours, theirs, lead, f"**{ahead}**")
+    w("")
+    lost = sp.get("litellm_stream_lost_pct") or {}
+    failed = sp.get("litellm_stream_streams_failed") or {}
+    first = sp.get("litellm_stream_first_chunk_ms_p50") or {}
+    if lost.get("median") is not None:
+        timeout = s["stream_ramp"] + s["chunks"] * s["interval"] + 30
+        text = (f"**{s['streams']} paced streams** (runs: {s['peer_repeats']}, after the "
+                "other targets' runs so that streams LiteLLM may still relay for clients that "
+                f"gave up cannot slow them): LiteLLM lost {fmt(lost, 1)} % of the chunks; "
+                f"{fmt(failed, 0)} of {s['streams']} streams per run failed (the client gives "
+                f"up after {timeout:g} s); the median stream's first chunk came after "
+                f"{fmt(first, 0, 'ms')}.")
+        w(text + "\n")
+    w(f"**{s['light_streams']} paced streams** ({s['light_streams'] / s['interval']:,.0f} "
+      f"chunks/s; runs: {s['peer_repeats']}, direct, gateway and LiteLLM rotated), a load "
+      "LiteLLM can relay:\n")
+    row("target", "chunks lost", "delay p99 (ms)", "delay max (ms)", "added p99 (ms)",
+        "first chunk p50 (ms)", "proxy CPU (cores)")
+    row(*["---"] * 7)
+    for t, label in (("direct", "direct"), ("gateway", "gateway"), (PEER, "LiteLLM")):
+        row(label, fmt(sp.get(f"{t}_light_chunks_lost"), 0),
+            fmt(sp.get(f"{t}_light_delay_ms_p99")), fmt(sp.get(f"{t}_light_delay_ms_max")),
+            fmt(sp.get(f"{t}_light_added_delay_ms_p99")) if t != "direct" else "—",
+            fmt(sp.get(f"{t}_light_first_chunk_ms_p50"), 1),
+            fmt(sp.get(f"{t}_light_cpu_cores")) if t != "direct" else "—")
+    w("")
 
 
 def short(frame: str) -> str:

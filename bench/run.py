@@ -1,17 +1,18 @@
 """`make bench`: the gateway measured against its baselines, every figure in one run.
 
-    .venv/bin/python -m bench.run            # full run (~6 min): results/latest.json + docs
+    .venv/bin/python -m bench.run            # full run (~10 min): results/latest.json + docs
     .venv/bin/python -m bench.run --quick    # ~1 min smoke run: results/quick.json only
 
 Every process under test is a real subprocess on 127.0.0.1: the gateway
-(`sparkstack.cli serve`), nginx, the upstream stub (bench/upstream.py, started by the
-gateway as a `runtime: process` engine), wrk and the streaming load generator
-(bench/streamload.py). On a machine with 2+ CPUs the proxy under test (gateway or
-nginx) gets CPU 0 to itself and everything else shares the other CPUs, identically for
-every target, so "direct" measures the stub's and the load generator's own ceiling.
+(`sparkstack.cli serve`), nginx, LiteLLM's proxy (bench/litellm_proxy.py), the upstream
+stub (bench/upstream.py, started by the gateway as a `runtime: process` engine), wrk and
+the streaming load generator (bench/streamload.py). On a machine with 2+ CPUs the proxy
+under test (gateway, nginx or LiteLLM) gets CPU 0 to itself and everything else shares
+the other CPUs, identically for every target, so "direct" measures the stub's and the
+load generator's own ceiling.
 
-Each comparison runs back to back in the same repeat (direct, nginx, gateway, rotated),
-repeated; figures are the median of the repeats with their min–max.
+Each comparison runs back to back in the same repeat (direct, nginx, gateway, LiteLLM,
+rotated), repeated; figures are the median of the repeats with their min–max.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import decisions
+from . import decisions, litellm_proxy
 from .common import (
     BENCH,
     RESULTS,
@@ -44,6 +45,7 @@ from .common import (
     Meter,
     Procs,
     children,
+    cpu_seconds,
     cpu_sets,
     descendants,
     free_port,
@@ -59,8 +61,10 @@ UPSTREAM = BENCH / "upstream.py"
 LUA = BENCH / "wrk" / "chat.lua"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
-HARD_LIMIT_S = 15 * 60  # a wedged run must still end (and clean up)
+HARD_LIMIT_S = 20 * 60  # a wedged run must still end (and clean up)
 TARGETS = ("direct", "nginx", "gateway")
+PEER = "litellm"  # the relay a Python user would pick, measured beside the targets
+LIGHT = ("direct", "gateway", PEER)  # the lighter stream load LiteLLM can keep up with
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class Settings:
     c16_seconds: float
     stream_repeats: int
     streams: int  # paced streams
+    peer_repeats: int  # LiteLLM's stream runs (at 400 streams each one runs to its timeout)
+    light_streams: int  # paced streams few enough for LiteLLM to relay
     chunks: int
     interval: float
     stream_ramp: float
@@ -89,7 +95,7 @@ class Settings:
     @classmethod
     def full(cls, profile: bool) -> Settings:
         return cls(quick=False, repeats=3, wrk_repeats=5, c1_seconds=5, c16_seconds=5,
-                   stream_repeats=5, streams=400, chunks=250,
+                   stream_repeats=5, streams=400, peer_repeats=3, light_streams=50, chunks=250,
                    interval=0.02, stream_ramp=1.0, rss_streams=1000, rss_ramp=2.0, rss_hold=3.0,
                    cold_runs=8, swap_runs=5, decisions=1000, llama_runs=5, llama_tokens=128,
                    profile=profile, profile_seconds=8)
@@ -97,7 +103,7 @@ class Settings:
     @classmethod
     def smoke(cls) -> Settings:
         return cls(quick=True, repeats=1, wrk_repeats=1, c1_seconds=2, c16_seconds=2,
-                   stream_repeats=1, streams=100, chunks=50,
+                   stream_repeats=1, streams=100, peer_repeats=1, light_streams=20, chunks=50,
                    interval=0.02, stream_ramp=0.5, rss_streams=200, rss_ramp=0.5, rss_hold=1.0,
                    cold_runs=2, swap_runs=2, decisions=200, llama_runs=1, llama_tokens=32,
                    profile=False, profile_seconds=0)
@@ -248,6 +254,42 @@ class Bench:
             time.sleep(0.02)
         return Server("nginx", proc, port, d), children(proc.pid)[0]
 
+    def litellm(self, model: str, upstream_port: int) -> Server:
+        """LiteLLM's proxy in front of the stub, configured as bench/litellm_proxy.py says."""
+        d = self.tmp / "litellm"
+        d.mkdir()
+        config = d / "litellm.yaml"
+        config.write_text(litellm_proxy.config(model, upstream_port, KEY))
+        port = free_port()
+        log = d / "litellm.log"
+        proc = self.procs.spawn("litellm", litellm_proxy.command(config, port), log=log,
+                                env=litellm_proxy.environment(), cpus=self.proxy_cpus)
+        deadline = time.monotonic() + 180  # its imports alone take seconds on a busy machine
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"litellm exited ({proc.returncode}):\n{tail(log)}")
+            with contextlib.suppress(OSError):
+                if request(port, "GET", litellm_proxy.READY_PATH, timeout=2)[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"litellm did not answer {litellm_proxy.READY_PATH}:\n"
+                                   f"{tail(log)}")
+            time.sleep(0.1)
+        if children(proc.pid):  # the CPU and pinning figures assume one process
+            raise RuntimeError(f"litellm started worker processes {children(proc.pid)}")
+        return Server("litellm", proc, port, d)
+
+    def quiesce(self, pid: int, timeout: float = 60.0) -> None:
+        """Wait until a proxy stops working (LiteLLM goes on relaying streams whose client
+        gave up), so its leftovers never run into the next target's measurement."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c0 = cpu_seconds(pid)
+            time.sleep(0.5)
+            if cpu_seconds(pid) - c0 < 0.01:
+                return
+        self.note(f"process {pid} still busy {timeout:g} s after its run")
+
     # -------------------------------------------------------- load
 
     def wrk(self, port: int, conns: int, threads: int, seconds: float,
@@ -345,7 +387,8 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def traffic(b: Bench) -> dict[str, Any]:
-    """1 client latency, 16 client throughput and 400 paced streams: direct, nginx, gateway."""
+    """1 client latency, 16 client throughput and 400 paced streams: direct, nginx, gateway
+    and LiteLLM (when installed); then a lighter stream load that LiteLLM can relay."""
     s = b.s
     gc_log = b.tmp / "gateway-gc.log"
     gw = b.gateway("traffic", {"fast": {
@@ -357,14 +400,22 @@ def traffic(b: Bench) -> dict[str, Any]:
     ngx, worker = b.nginx(stub_port)
     ports = {"direct": stub_port, "nginx": ngx.port, "gateway": gw.port}
     proxy_pid = {"direct": None, "nginx": worker, "gateway": gw.pid}
-    for t in TARGETS:  # warm-up: connections, pools, caches
+    targets = TARGETS
+    peer = litellm_proxy.version()
+    if peer is None:
+        b.note(f"LiteLLM is not installed ({litellm_proxy.INSTALL}): no LiteLLM baseline")
+    else:
+        ll = b.litellm("fast", stub_port)
+        ports[PEER], proxy_pid[PEER] = ll.port, ll.pid
+        targets = (*TARGETS, PEER)
+    for t in targets:  # warm-up: connections, pools, caches
         b.wrk(ports[t], 16, 2, 1)
-    out: dict[str, Any] = {"latency": {t: [] for t in TARGETS},
-                           "latency_split": {t: [] for t in TARGETS if t != "direct"},
-                           "saturation": {t: [] for t in TARGETS},
-                           "streams": {t: [] for t in TARGETS}}
+    out: dict[str, Any] = {"latency": {t: [] for t in targets},
+                           "latency_split": {t: [] for t in targets if t != "direct"},
+                           "saturation": {t: [] for t in targets},
+                           "streams": {t: [] for t in targets}, "litellm_version": peer}
     for r in range(s.wrk_repeats):
-        for t in rotate(TARGETS, r):
+        for t in rotate(targets, r):
             print(f"  latency c1 {t} (run {r + 1}/{s.wrk_repeats})", flush=True)
             pids = (proxy_pid[t], stub_pid)
             if t == "direct":
@@ -380,7 +431,7 @@ def traffic(b: Bench) -> dict[str, Any]:
                 pin(proxy_pid[t], b.proxy_cpus)  # type: ignore[arg-type]
             out["latency_split"][t].append(b.wrk(ports[t], 1, 1, s.c1_seconds, pids=pids))
     for r in range(s.wrk_repeats):
-        for t in rotate(TARGETS, r):
+        for t in rotate(targets, r):
             print(f"  saturation c16 {t} (run {r + 1}/{s.wrk_repeats})", flush=True)
             t0 = time.time()
             out["saturation"][t].append(b.wrk(ports[t], 16, 2, s.c16_seconds,
@@ -400,9 +451,41 @@ def traffic(b: Bench) -> dict[str, Any]:
                 ramp=s.stream_ramp, watch=watch))
             if t == "gateway":
                 out["streams"][t][-1]["gc"] = gc_pauses(gc_log, t0, time.time())
+    if peer is not None:
+        peer_streams(b, out, ports, proxy_pid, stub_pid, gc_log)
     if s.profile:
         out["profile"] = profile(b, gw, stub_pid)
     return out
+
+
+def peer_streams(b: Bench, out: dict[str, Any], ports: dict[str, int],
+                 proxy_pid: dict[str, int | None], stub_pid: int, gc_log: Path) -> None:
+    """LiteLLM under the same 400 streams (after the other targets' runs: streams it
+    cannot keep up with outlive their clients), then the lighter load for all three."""
+    s = b.s
+
+    def run(t: str, streams: int) -> dict[str, Any]:
+        watch = {"stub": stub_pid}
+        if proxy_pid[t]:
+            watch["proxy"] = proxy_pid[t]  # type: ignore[assignment]
+        t0 = time.time()
+        r = b.streamload(ports[t], model="fast", streams=streams, chunks=s.chunks,
+                         interval=s.interval, ramp=s.stream_ramp, watch=watch)
+        if t == "gateway":
+            r["gc"] = gc_pauses(gc_log, t0, time.time())
+        if t == PEER:
+            b.quiesce(proxy_pid[t])  # type: ignore[arg-type]
+        return r
+
+    for r in range(s.peer_repeats):
+        print(f"  {s.streams} paced streams {PEER} (run {r + 1}/{s.peer_repeats})", flush=True)
+        out["streams"][PEER].append(run(PEER, s.streams))
+    out["light_streams"] = {t: [] for t in LIGHT}
+    for r in range(s.peer_repeats):
+        for t in rotate(LIGHT, r):
+            print(f"  {s.light_streams} paced streams {t} (run {r + 1}/{s.peer_repeats})",
+                  flush=True)
+            out["light_streams"][t].append(run(t, s.light_streams))
 
 
 def gc_pauses(log: Path, t0: float, t1: float) -> dict[str, Any]:
@@ -824,6 +907,8 @@ def figures(raw: dict[str, Any], s: Settings) -> dict[str, dict[str, Any]]:
                  for runs in tr[phase].values() for x in runs]
         fig["interference_foreign_cores"] = spread(x["noise"]["foreign_cores"] for x in every)
         fig["interference_steal_cores"] = spread(x["noise"]["steal_cores"] for x in every)
+        if PEER in lat:
+            fig.update(peer_figures(tr))
     lc = raw.get("lifecycle")
     if lc:
         fig["cold_start_overhead_ms"] = spread(r["overhead_ms"] for r in lc["cold"])
@@ -853,6 +938,71 @@ def figures(raw: dict[str, Any], s: Settings) -> dict[str, dict[str, Any]]:
             fig[f"llama_ttft_ms_{t}"] = spread(r["ttft_ms"] for r in ll["runs"][t])
             fig[f"llama_engine_tokens_per_s_{t}"] = spread(
                 r["engine_tokens_per_s"] for r in ll["runs"][t])
+    return fig
+
+
+def peer_figures(tr: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """LiteLLM's figures, and sparkstack's advantage over it as ratios (> 1: sparkstack
+    is ahead), paired run by run like every comparison."""
+    fig: dict[str, dict[str, Any]] = {}
+    lat, split, sat = tr["latency"], tr["latency_split"], tr["saturation"]
+    st, light = tr["streams"], tr["light_streams"]
+
+    def ratio(a: float, b: float) -> float | None:  # undefined unless both cost something
+        return a / b if a > 0 and b > 0 else None
+
+    for q in ("p50", "p99"):
+        fig[f"litellm_latency_ms_{q}_c1"] = spread(r["latency_us"][q] / 1000 for r in lat[PEER])
+        fig[f"litellm_latency_ms_{q}_c1_split"] = spread(
+            r["latency_us"][q] / 1000 for r in split[PEER])
+        for runs, suffix in ((lat, ""), (split, "_split")):
+            fig[f"litellm_added_latency_ms_{q}_c1{suffix}"] = spread(
+                (x["latency_us"][q] - d["latency_us"][q]) / 1000
+                for x, d in zip(runs[PEER], lat["direct"], strict=True))
+            fig[f"vs_litellm_added_latency_{q}_c1{suffix}"] = spread(
+                ratio(x["latency_us"][q] - d["latency_us"][q],
+                      g["latency_us"][q] - d["latency_us"][q])
+                for x, g, d in zip(runs[PEER], runs["gateway"], lat["direct"], strict=True))
+    fig["litellm_rps_c16"] = spread(r["rps"] for r in sat[PEER])
+    fig["litellm_latency_ms_p99_c16"] = spread(r["latency_us"]["p99"] / 1000 for r in sat[PEER])
+    fig["litellm_rps_c16_vs_direct"] = spread(
+        x["rps"] / d["rps"] for x, d in zip(sat[PEER], sat["direct"], strict=True))
+    fig["vs_litellm_rps_c16"] = spread(
+        g["rps"] / x["rps"] for g, x in zip(sat["gateway"], sat[PEER], strict=True))
+    # LiteLLM has fewer 400-stream runs: each pairs with the same repeat of the others.
+    for key in ("p50", "p99", "max"):
+        fig[f"litellm_stream_delay_ms_{key}"] = spread(r["delay_ms"][key] for r in st[PEER])
+    fig["litellm_stream_chunks_lost"] = spread(r["chunks_lost"] for r in st[PEER])
+    fig["litellm_stream_lost_pct"] = spread(100 * r["chunks_lost"] / r["chunks_expected"]
+                                            for r in st[PEER])
+    fig["litellm_stream_streams_failed"] = spread(sum(r["errors"].values()) for r in st[PEER])
+    for t in ("gateway", PEER):
+        fig[f"{t}_stream_first_chunk_ms_p50"] = spread(r["first_chunk_ms"]["p50"] for r in st[t])
+    fig["vs_litellm_stream_first_chunk_p50"] = spread(
+        ratio(x["first_chunk_ms"]["p50"], g["first_chunk_ms"]["p50"])
+        for x, g in zip(st[PEER], st["gateway"], strict=False))
+    fig["litellm_stream_cpu_cores"] = spread(r["run_cpu_cores"].get("proxy") for r in st[PEER])
+    fig["litellm_stream_added_delay_ms_p99"] = spread(
+        x["delay_ms"]["p99"] - d["delay_ms"]["p99"]
+        for x, d in zip(st[PEER], st["direct"], strict=False))
+    for t in LIGHT:
+        fig[f"{t}_light_delay_ms_p99"] = spread(r["delay_ms"]["p99"] for r in light[t])
+        fig[f"{t}_light_delay_ms_max"] = spread(r["delay_ms"]["max"] for r in light[t])
+        fig[f"{t}_light_chunks_lost"] = spread(r["chunks_lost"] for r in light[t])
+        fig[f"{t}_light_first_chunk_ms_p50"] = spread(r["first_chunk_ms"]["p50"]
+                                                      for r in light[t])
+        if t != "direct":
+            fig[f"{t}_light_added_delay_ms_p99"] = spread(
+                x["delay_ms"]["p99"] - d["delay_ms"]["p99"]
+                for x, d in zip(light[t], light["direct"], strict=True))
+            fig[f"{t}_light_cpu_cores"] = spread(r["cpu_cores"].get("proxy") for r in light[t])
+    fig["vs_litellm_light_first_chunk_p50"] = spread(
+        ratio(x["first_chunk_ms"]["p50"], g["first_chunk_ms"]["p50"])
+        for x, g in zip(light[PEER], light["gateway"], strict=True))
+    fig["vs_litellm_light_added_delay_p99"] = spread(
+        ratio(x["delay_ms"]["p99"] - d["delay_ms"]["p99"],
+              g["delay_ms"]["p99"] - d["delay_ms"]["p99"])
+        for x, g, d in zip(light[PEER], light["gateway"], light["direct"], strict=True))
     return fig
 
 
@@ -935,6 +1085,7 @@ def machine() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__, "uvloop": uv,
         "nginx": first([NGINX, "-v"]).removeprefix("nginx version: "),
         "wrk": first([WRK, "-v"]).split(" [")[0],
+        "litellm": litellm_proxy.version() or "not installed",
         "sparkstack_commit": commit + (" (src modified)" if dirty not in ("", "unknown") else ""),
     }
 

@@ -5,11 +5,13 @@ with nothing in the harness. Raw asyncio protocols on uvloop (HTTP/1.1 response
 parsing, an incremental chunked decoder, SSE event splitting): at 400 streams × 50
 chunks/s an HTTP client library would cost more CPU than the proxy under test.
 
-Per stream, chunk i's delay is `arrival_i − (arrival_0 + i × interval)`: how late the
-chunk is against the engine's schedule, anchored on the first chunk. The engine stub
-sends chunk i at exactly t0 + i × interval, so through a perfect proxy this is the
-stub's and the generator's own jitter; the proxy's added delay is the difference of
-the same percentile measured through it and direct.
+Per stream, chunk i's delay is `arrival_i − i × interval − min_j(arrival_j − j × interval)`:
+how late the chunk is against the engine's schedule, the schedule laid on the stream's
+most punctual chunk. The engine stub sends chunk i at exactly t0 + i × interval, so
+through a perfect proxy this is the stub's and the generator's own jitter; the proxy's
+added delay is the difference of the same percentile measured through it and direct.
+(Anchored on the first chunk instead, a relay that holds the first chunks back and then
+delivers them in a burst, as LiteLLM does under load, would show negative delays.)
 
 Prints one JSON object on stdout.
 """
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import resource
 import sys
 import time
@@ -27,6 +30,7 @@ from typing import Any, cast
 
 from .common import cpu_seconds, percentile, rss_mb
 
+TOKEN = re.compile(rb'"content":\s*"[^"]')  # an event that carries text
 QUANTILES = [*range(0, 90, 2), *range(90, 99), 99.0, 99.5, 99.9, 99.99, 100.0]
 
 
@@ -133,11 +137,12 @@ class Stream(asyncio.Protocol):
             if event.startswith(b"data: [DONE]"):
                 if not self.chunked:
                     self.complete = True
-            elif event.startswith(b"data:"):
+            elif event.startswith(b"data:") and TOKEN.search(event):
                 self.arrivals.append(now)
                 if len(self.arrivals) == 1:
                     self.run.started(self)
-            # SSE comments (": loading ...") are not chunks.
+            # SSE comments (": loading ...") are not chunks, nor events without a token
+            # (LiteLLM moves finish_reason into an event of its own).
         self.body = body[start:]
 
 
@@ -269,14 +274,13 @@ def report(args: argparse.Namespace, run: Run, sampler: Sampler) -> dict[str, An
         if s.error:
             errors[s.error] = errors.get(s.error, 0) + 1
         if s.arrivals:
-            a0 = s.arrivals[0]
-            firsts.append((a0 - s.started) * 1000)
+            firsts.append((s.arrivals[0] - s.started) * 1000)
+            anchor = min(a - i * interval for i, a in enumerate(s.arrivals))
             for i, a in enumerate(s.arrivals):
-                if i:
-                    d = (a - a0 - i * interval) * 1000
-                    delays.append(d)
-                    if w0 <= a <= w1:
-                        steady.append(d)
+                d = (a - anchor - i * interval) * 1000
+                delays.append(d)
+                if w0 <= a <= w1:
+                    steady.append(d)
     delays.sort()
     steady.sort()
     firsts.sort()

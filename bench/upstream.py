@@ -8,6 +8,8 @@ precomputed responses (no framework, no per-request JSON building):
 - `POST /v1/chat/completions` (and `/v1/completions`): a small fixed JSON, or with
   `"stream": true` an SSE stream of `--chunks` events, chunk i sent at
   t0 + i * `--interval` (absolute deadlines, so timer lateness never accumulates);
+  consecutive chunks differ, as a model's tokens do (LiteLLM ends a stream that repeats
+  one chunk 100 times as a model stuck in a loop);
 - SIGTERM: exit at once (the swap benchmark times the engine's exit);
 - `--start-file`: the instant the process started, taken before any other import.
 
@@ -84,16 +86,20 @@ class Responses:
         self.stream_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                             b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
 
-        def event(finish: str | None) -> bytes:
+        def event(token: str, finish: str | None) -> bytes:
             data = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
-                    "model": name, "choices": [{"index": 0, "delta": {"content": " tok"},
+                    "model": name, "choices": [{"index": 0, "delta": {"content": token},
                                                 "finish_reason": finish}]}
             return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
-        self.chunk = chunk_frame(event(None))
+        # Tokens of one length (" t00" … " t99"): every chunk is the same size.
+        self.chunks = [chunk_frame(event(f" t{i:02d}", None)) for i in range(100)]
         # The last content event carries finish_reason, so a stream is exactly --chunks
         # data events followed by [DONE] (what the load generator counts).
-        self.last = chunk_frame(event("stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        self.last = chunk_frame(event(" end", "stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+    def chunk(self, i: int) -> bytes:
+        return self.chunks[i % len(self.chunks)]
 
 
 class Stub:
@@ -171,7 +177,7 @@ class Conn(asyncio.Protocol):
         self.streaming = True
         self.sent = 1
         self.t0 = self.loop.time()
-        self.transport.write(self.stub.r.stream_head + self.stub.r.chunk)
+        self.transport.write(self.stub.r.stream_head + self.stub.r.chunk(0))
         self.schedule()
 
     def schedule(self) -> None:
@@ -184,7 +190,7 @@ class Conn(asyncio.Protocol):
             return
         self.sent += 1
         if self.sent < self.stub.args.chunks:
-            self.transport.write(self.stub.r.chunk)
+            self.transport.write(self.stub.r.chunk(self.sent - 1))
             self.schedule()
             return
         self.transport.write(self.stub.r.last)
