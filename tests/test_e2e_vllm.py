@@ -3,8 +3,9 @@ installs it into .venv-vllm, apart from the project's venv) serving a tiny rando
 Llama made here (tests/vllm_tiny_model.py), driven through the gateway.
 
 One cold start for the whole module (vLLM takes a minute or more to start on 2 shared
-cores): the tests run in file order against that one engine, and the last one waits for
-its idle stop. With CI=true they fail, not skip, when vLLM is not installed.
+cores): the module's gateway starts the engine with its first chat request, the tests
+use that one engine, and the last one waits for its idle stop. With CI=true they fail,
+not skip, when vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Served:
     gw: Gateway
     rec: Recorder
     data_dir: Path
+    first: tuple[int, dict]  # the answer to the chat request that started the engine
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Served]:
-    """A gateway with one `engine: vllm` model, not yet started."""
+    """A gateway with one `engine: vllm` model, started by a first chat request."""
     tmp = tmp_path_factory.mktemp("vllm-gateway")
     env = {
         # The template runs `vllm`: the test venv's, by the engine's own PATH.
@@ -102,7 +104,10 @@ async def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"},
                                      timeout=timeout) as http:
         gw = Gateway(info.url, info.supervisor, http)
-        yield Served(gw, Recorder(gw), tmp / "data")
+        rec = Recorder(gw)
+        assert gw.state("tiny").state is State.STOPPED
+        first = await gw.chat("tiny", max_tokens=8, ignore_eos=True)
+        yield Served(gw, rec, tmp / "data", first)
     stop.set()
     await task
 
@@ -117,8 +122,7 @@ def chunks(lines: list[str]) -> list[dict]:
 
 async def test_cold_start_and_chat_through_the_gateway(served: Served):
     gw = served.gw
-    assert gw.state("tiny").state is State.STOPPED
-    status, body = await gw.chat("tiny", max_tokens=8, ignore_eos=True)
+    status, body = served.first
     assert status == 200, body
     assert body["model"] == "tiny" and body["object"] == "chat.completion"
     assert body["usage"]["completion_tokens"] == 8

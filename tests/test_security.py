@@ -5,6 +5,7 @@ gateway (or, for Docker, a fake Engine API that records every call)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -514,6 +515,19 @@ def test_templated_engines_bind_loopback_and_take_the_run_key(engine, tmp_path, 
     argv = list(launch_spec(model, 40000, key, tmp_path).argv)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--api-key") + 1] == key
+
+
+def test_a_run_key_is_never_read_as_an_option(tmp_path):
+    # vLLM parses its flags with argparse: a key starting with "-" made `vllm serve` exit
+    # with "argument --api-key: expected at least one argument" (seen with a real vLLM).
+    config = load_config(text=(
+        "memory_gb: 4\nmodels:\n  m:\n    engine: vllm\n    weights: org/m\n"
+        "    memory_gb: 1\n"))
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    for _ in range(2000):  # a bare token_urlsafe(24) starts with "-" once in 64
+        key = engines.new_key(config.models["m"])
+        assert key and parser.parse_args(["--api-key", key]).api_key == key
 
 
 async def test_an_engine_port_is_useless_without_the_run_key(start_gateway, tmp_path):

@@ -97,7 +97,9 @@ def new_key(model: Model) -> str | None:
     command or env uses ${ENGINE_KEY}; None otherwise."""
     cfg = model.cfg
     wants = any(ENGINE_KEY in a for a in [*(cfg.command or []), *cfg.env.values()])
-    return secrets.token_urlsafe(24) if templated(model) or wants else None
+    # Prefixed: a bare token_urlsafe starts with "-" one time in 64, and argparse (vLLM,
+    # SGLang) then reads `--api-key -…` as a missing value and the engine will not start.
+    return "sk-engine-" + secrets.token_urlsafe(24) if templated(model) or wants else None
 
 
 def upstream_for(model: Model, port: int, key: str | None) -> Upstream:
