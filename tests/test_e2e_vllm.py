@@ -61,8 +61,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     out = tmp_path_factory.mktemp("vllm-tiny")
-    subprocess.run([str(python), str(MAKE_MODEL), str(out)], check=True, timeout=300,
-                   capture_output=True)
+    made = subprocess.run([str(python), str(MAKE_MODEL), str(out)], timeout=300,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, f"the tiny model was not made:\n{made.stderr[-3000:]}"
     return out
 
 
