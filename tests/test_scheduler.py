@@ -54,6 +54,9 @@ class Recorder:
 
 
 def make(models: dict[str, dict[str, Any]], budget: float = 10, **settings: Any):
+    # The mechanics here do not wait for bursts (finish, then at once another model):
+    # tests/test_scheduler_policy.py tests the burst hold.
+    settings.setdefault("burst_gap", 0)
     lines = [f"{k}: {v}" for k, v in settings.items()]
     lines.append("models:")
     for mid, opts in models.items():

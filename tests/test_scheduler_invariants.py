@@ -23,8 +23,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         pinned=st.sampled_from([None, *MODELS]),
         exclusive=st.sampled_from([None, *MODELS]),
         policy=st.sampled_from(["queue", "reject"]),
+        burst_gap=st.sampled_from([0, 5]),
     )
-    def setup(self, sizes, pinned, exclusive, policy):
+    def setup(self, sizes, pinned, exclusive, policy, burst_gap):
         opts = {m: {"memory_gb": size, "ttl": "30s"} for m, size in zip(MODELS, sizes,
                                                                           strict=True)}
         if pinned:
@@ -33,7 +34,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             opts[exclusive]["exclusive"] = True
         self.sched, self.fx, self.clock = make(opts, budget=10, busy_policy=policy,
                                                max_queue=12, queue_timeout="60s",
-                                               start_backoff="1s")
+                                               start_backoff="1s", burst_gap=burst_gap,
+                                               burst_max="20s")
         self.tickets: list[Ticket] = []
         self.answered: dict[int, int] = {}
         self.sched.tick()

@@ -125,10 +125,104 @@ def burst(sched: Scheduler, clock: Clock, mid: str, n: int, gap: float = 3.0) ->
 
 def test_without_min_residency_a_swap_goes_ahead_at_once():
     """Someone trying models one after another does not wait for their own last model."""
-    sched, fx, clock = two_big(min_residency=0)
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 6}},
+                            min_residency=0, burst_gap=0)
     burst(sched, clock, "a", 3)
     sched.submit("b")
     assert fx.stopped == [("a", "evicted for b")]
+
+
+# ------------------------------------------------------------------ bursts
+
+
+def test_a_burst_finishes_before_another_model_takes_its_memory():
+    """A coding agent's requests come seconds apart (its tools run between them): its
+    model is not swapped out mid-task; the swap happens at the first longer pause."""
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 6}},
+                            min_residency=0, burst_gap="15s")
+    burst(sched, clock, "a", 3)  # the last answer ended 3 s ago
+    tb = sched.submit("b")
+    assert fx.stopped == [] and tb.status == "waiting"
+    clock.t += 5
+    serve(sched, clock, "a", seconds=10)  # the agent's next step is served at once
+    clock.t += 14
+    sched.tick()
+    assert fx.stopped == [], "14 s since its last answer: still within the burst"
+    clock.t += 1
+    sched.tick()
+    assert fx.stopped == [("a", "evicted for b")]
+
+
+def test_a_burst_holds_a_waiting_start_back_for_at_most_burst_max():
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 6}},
+                            min_residency=0, burst_gap="15s", burst_max="2m")
+    serve(sched, clock, "a")
+    held_from = clock.t
+    tb = sched.submit("b")
+    while clock.t < held_from + 120:  # the agent never pauses
+        serve(sched, clock, "a", seconds=5)
+        clock.t += 2
+        sched.tick()
+    assert fx.stopped == [("a", "evicted for b")] and sched.models["a"].leaving
+    assert sched.submit("a").status == "waiting", "a's next step waits behind the swap"
+    stopped(sched, "a")
+    sched.engine_ready("b")
+    assert tb.status == "granted"
+
+
+def test_burst_gap_0_turns_the_burst_hold_off():
+    cfg = load_config(text="burst_gap: 0\nmodels:\n  a: {command: [x]}\n", env={})
+    assert cfg.models["a"].burst_gap == 0
+    assert load_config(text="models:\n  a: {command: [x]}\n", env={}).models["a"].burst_gap > 0
+
+
+# ------------------------------------------------------------------ backfilling
+
+
+def test_a_small_model_starts_while_the_big_swap_waits_if_it_does_not_delay_it():
+    """b waits for a's window; the embedding model fits in the free memory and loads
+    before the window ends: it starts at once instead of waiting behind b. One that
+    would still be loading when b could start waits its turn."""
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 6},
+                             "embed": {"memory_gb": 2, "load_seconds": 30},
+                             "slow": {"memory_gb": 2, "load_seconds": 600}},
+                            min_residency="5m", burst_gap=0)
+    serve(sched, clock, "a")  # ready at 1000, protected until 1300
+    tb = sched.submit("b")
+    ts = sched.submit("slow")
+    te = sched.submit("embed")
+    assert fx.started[-1] == "embed" and ts.status == "waiting"
+    clock.t += 30
+    sched.engine_ready("embed")
+    assert te.status == "granted" and tb.status == "waiting"
+    assert "slow" not in fx.started, "600 s of loading would delay b's start"
+    clock.t = 1300
+    sched.tick()
+    assert fx.stopped == [("a", "evicted for b")]
+
+
+# ------------------------------------------------------------------ queue timeouts
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_request_retried_after_a_queue_timeout_keeps_its_place(late):
+    """b's request times out while it waits for a's window; its client retries after
+    the Retry-After and is still ahead of c, asked for later. A request long after that
+    is a new one: it joins at the back."""
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 6},
+                             "c": {"memory_gb": 6}},
+                            min_residency="10m", burst_gap=0, queue_timeout="1m")
+    serve(sched, clock, "a")
+    sched.submit("b")
+    clock.t += 30
+    sched.submit("c")
+    clock.t += 30
+    sched.tick()
+    (_, refusal), = fx.rejected
+    assert refusal.reason is Reason.QUEUE_TIMEOUT and list(sched.pending) == ["c"]
+    clock.t += refusal.retry_after + (60 if late else 0)
+    sched.submit("b")
+    assert list(sched.pending) == (["c", "b"] if late else ["b", "c"])
 
 
 def test_pinned_models_are_never_protected_nor_held_back():

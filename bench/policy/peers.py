@@ -29,6 +29,8 @@ class Original:
     that loads or serves is never stopped for another; the utility model (pinned) is
     stopped at once for the exclusive gpt-oss-120b."""
 
+    backfill = False  # one start at a time, in arrival order
+
     idle_s = 1200.0
     no_stop_before_s = 30.0
 
@@ -50,6 +52,8 @@ class LlamaSwap:
     memory model. The utility model sits in a `persistent` group (never swapped out,
     except that the exclusive gpt-oss-120b needs its memory)."""
 
+    backfill = False  # one start at a time, in arrival order
+
     def hold_until(self, r: Any, target: Any, now: float) -> float:
         return 0.0
 
@@ -67,6 +71,8 @@ class Ollama:
     last request; when memory is needed it unloads the idle model whose keep-alive ends
     soonest (waiting for a busy one if none is idle); a bounded queue (OLLAMA_MAX_QUEUE
     512); no always-on model."""
+
+    backfill = False  # one start at a time, in arrival order
 
     keep_alive_s = 300.0
 

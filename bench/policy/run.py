@@ -49,13 +49,18 @@ SWEEP: dict[str, dict[str, Any]] = {
 
 def fairness_bound(spec: PolicySpec, figures: dict[str, Any]) -> float:
     """The longest a due start may be put off under our policy: a victim's min_residency
-    window (the longest of any model), then its requests in flight drain, then it stops."""
-    setting = spec.settings.get("min_residency", Settings().min_residency)
+    window (the longest of any model) or its burst (at most burst_max from when it
+    first held the start back), whichever ends later, then its requests in flight
+    drain, then it stops."""
+    defaults = Settings()
+    setting = spec.settings.get("min_residency", defaults.min_residency)
     if setting == "auto":
         window = min(AUTO_RESIDENCY_MAX_S, max(m.load_s for m in catalog_models().values()))
     else:
         window = parse_duration(setting)
-    return window + figures["longest_request_s"] + STOP_S + 1
+    gap = parse_duration(spec.settings.get("burst_gap", defaults.burst_gap))
+    burst = parse_duration(spec.settings.get("burst_max", defaults.burst_max)) if gap else 0.0
+    return max(window, burst) + figures["longest_request_s"] + STOP_S + 1
 
 
 Replays = list[list[Request]]

@@ -222,7 +222,7 @@ class Simulation:
         if self.head is not None and self.head[0] != head:
             mid, since = self.head
             for t in sched.models[mid].waiters:
-                t.waiter.passed_over += self.now - since
+                t.waiter.passed_over += self.now - max(since, t.created)
         if head is None:
             self.head = None
         elif self.head is None or self.head[0] != head:
@@ -250,7 +250,12 @@ class Simulation:
         self.push(self.now + r.spec.duration, "finish", ticket)
 
     def reject(self, ticket: Ticket, refusal: Any) -> None:
-        self._refused(ticket.waiter, refusal)
+        r: Req = ticket.waiter
+        if self.head is not None and self.head[0] == ticket.model:
+            # Its model's start is due and it leaves the queue (a queue timeout): the time
+            # it was passed over counts now, or its retry would start again from zero.
+            r.passed_over += self.now - max(self.head[1], ticket.created)
+        self._refused(r, refusal)
 
     def changed(self, model_id: str) -> None:
         pass

@@ -368,6 +368,11 @@ class Settings(BaseModel):
     # auto: as long as the model's own load took, at most 2 min (chosen by the policy
     # simulator, docs/scheduling.md); or a duration for every model
     min_residency: Duration | Literal["auto"] = "auto"
+    # A model in use (a request in flight, or one ended less than burst_gap ago: an agent
+    # running its tools) is not evicted mid-burst; it holds a waiting start back for at
+    # most burst_max. 0 s turns it off. Chosen by the policy simulator (docs/scheduling.md).
+    burst_gap: Duration = 15.0
+    burst_max: Duration = 900.0
     prewarm: bool = False
     queue_timeout: Duration = 600.0
     max_queue: int = Field(default=1000, ge=1)
@@ -525,6 +530,8 @@ class Model:
     min_residency: float | None = None  # not evicted for another model sooner after a
     # load; None: auto (the scheduler's share of its load time)
     prewarm: bool = False  # may be started ahead of demand, into free memory only
+    burst_gap: float = 0.0  # in use while a request ended less than this long ago (0: off)
+    burst_max: float = 0.0  # ... holding a waiting start back for at most this long
     stream_idle_timeout: float = 300.0  # abandon an engine silent this long (0 = never)
     span: Span | None = None  # set for `nodes: 2`: which half runs here
 
@@ -773,6 +780,8 @@ def load_config(
             min_residency=_residency(settings.min_residency if cfg.min_residency is None
                                      else cfg.min_residency),
             prewarm=settings.prewarm if cfg.prewarm is None else cfg.prewarm,
+            burst_gap=settings.burst_gap,
+            burst_max=settings.burst_max,
             stream_idle_timeout=(settings.stream_idle_timeout if cfg.stream_idle_timeout is None
                                  else cfg.stream_idle_timeout),
             span=span,

@@ -114,6 +114,9 @@ class Candidate(ResidentLike, Protocol):
 
     ready_at: float  # when its current run became ready
     prewarmed: bool  # started ahead of demand and not asked for since
+    holding_since: float | None  # when its current run first held a due start back
+    burst_gap: float  # in use while its last request ended less than this long ago
+    burst_max: float  # ... holding a due start back for at most this long
 
     @property
     def min_residency(self) -> float: ...
@@ -136,6 +139,10 @@ class Target(Protocol):
 class Policy(Protocol):
     """The scheduler's eviction policy. Pure: reads its arguments, changes nothing, and is
     cheap (it runs inside every scheduling decision)."""
+
+    # While the head of the start queue waits for memory, may a later queued model that
+    # fits in free memory start, if its load ends before the head could start?
+    backfill: bool
 
     def victims(self, target: Target, residents: Collection[Any], budget_gb: float,
                 now: float) -> list[str] | None:
@@ -160,15 +167,31 @@ class CostAware:
       cost = its load time x the chance it is asked for again soon (from its recent
       request rate). A model used once an hour goes before one used every minute, one
       that loads in 30 s before one that takes 5 min. LRU only breaks ties.
+    - A model in use is not evicted mid-burst: while a request runs on it or its last
+      one ended less than `burst_gap` ago (a coding agent running its tools between
+      requests), it keeps serving, for at most `burst_max` from the moment it first
+      held a due start back (that start keeps its place across a queue timeout, so
+      nobody is passed over longer). An interrupted burst costs two loads (the
+      newcomer's and its own back), which everyone queued behind them waits for too.
     - Pinned models are the always-on lane: never protected, and requests for them are
       never held back (a task model beside an exclusive one must swap anyway: holding
       its requests back only moves the wait). Nor is a pre-warmed model nobody asked for.
     """
 
+    backfill = True  # a start that does not delay the head's makes nobody wait longer
+
     def hold_until(self, r: Candidate, target: Target, now: float) -> float:
         if r.prewarmed or r.pinned or target.pinned or not r.movable:
             return 0.0
-        return r.ready_at + r.min_residency
+        return max(r.ready_at + r.min_residency, self.burst_until(r, now))
+
+    @staticmethod
+    def burst_until(r: Candidate, now: float) -> float:
+        """Until when `r`'s burst holds a due start back (a past time: it does not)."""
+        if r.burst_gap <= 0 or (not r.busy and r.last_used + r.burst_gap <= now):
+            return 0.0
+        limit = (now if r.holding_since is None else r.holding_since) + r.burst_max
+        return limit if r.busy else min(r.last_used + r.burst_gap, limit)
 
     def cost(self, r: Candidate, now: float) -> float:
         return r.load_estimate * -math.expm1(-r.demand(now))
@@ -183,7 +206,8 @@ class CostAware:
                 return (2,)
             if r.pinned:
                 return (1, r.busy, r.last_used)
-            held = not exempt and not r.prewarmed and r.ready_at + r.min_residency > now
+            held = not exempt and not r.prewarmed and (
+                r.ready_at + r.min_residency > now or self.burst_until(r, now) > now)
             return (0, held, r.busy, r.load_estimate * -expm1(-r.demand(now)), r.last_used)
 
         return plan(target.memory_gb, target.exclusive, residents, budget_gb, order)
@@ -231,7 +255,9 @@ class DailyProfile:
 
 class Lru:
     """The policy before cost-aware eviction: least recently used first, no protection
-    of fresh loads."""
+    of fresh loads, strict FIFO starts."""
+
+    backfill = False
 
     def hold_until(self, r: ResidentLike, target: Target, now: float) -> float:
         return 0.0

@@ -51,6 +51,7 @@ DEFAULT_REQUEST_S = 15.0  # what we assume a request takes before we have measur
 DEFAULT_LOAD_S = 60.0  # what we assume a start takes when neither measured nor declared
 PREWARM_HORIZON_S = 1800.0  # pre-warm a model likely to be asked for within this long
 PREWARM_LIKELIHOOD = 0.5  # ... on at least this share of the last days
+RETRY_GRACE_S = 10.0  # a client retrying this long after the Retry-After keeps its place
 
 
 class State(StrEnum):
@@ -96,6 +97,9 @@ class ModelState:
     avg_request_s: float | None = None
     measured_load_s: float | None = None  # the last start's duration, kept across runs
     prewarmed: bool = False  # started ahead of demand; nobody has asked for it since
+    holding_since: float | None = None  # when this run first held a due start back
+    queued_since: float = 0.0  # when its waiters first asked for a start (see _enqueue)
+    place_until: float = 0.0  # a request before then takes back its place in the start queue
     _demand: float = 0.0  # requests, decayed over DEMAND_WINDOW_S, as of _demand_at
     _demand_at: float = 0.0
     profile: DailyProfile | None = None  # its daily habit, kept when pre-warming may use it
@@ -134,6 +138,14 @@ class ModelState:
     def min_residency(self) -> float:
         declared = self.model.min_residency
         return min(AUTO_RESIDENCY_MAX_S, self.load_estimate) if declared is None else declared
+
+    @property
+    def burst_gap(self) -> float:
+        return self.model.burst_gap
+
+    @property
+    def burst_max(self) -> float:
+        return self.model.burst_max
 
     @property
     def load_estimate(self) -> float:
@@ -226,7 +238,7 @@ class Scheduler:
         s.waiters.append(ticket)
         self.queued += 1
         if s.state is not State.STARTING:
-            self.pending.setdefault(model_id, None)
+            self._enqueue(s, now)
         self.effects.wake_at(ticket.deadline)
         self._schedule()
         # Watchers see the new waiter and what it set in motion (victims marked leaving).
@@ -316,7 +328,7 @@ class Scheduler:
             s.stop_reason = "crashed"
         self._set_stopped(s)
         if s.waiters:
-            self.pending.setdefault(model_id, None)
+            self._enqueue(s, self.clock())
         self.effects.changed(model_id)
         self._schedule()
 
@@ -411,10 +423,12 @@ class Scheduler:
             s = self.models[mid]
             if s.waiters and s.waiters[0].deadline <= now:
                 busy = self._busy_blockers(s)
+                retry_after = self._expected_wait(busy, s)
                 self._reject_all(s, Refusal(
                     Reason.QUEUE_TIMEOUT, mid, busy=[b.id for b in busy],
-                    waited_s=self.queue_timeout, retry_after=self._expected_wait(busy, s)),
-                    expired_by=now)
+                    waited_s=self.queue_timeout, retry_after=retry_after), expired_by=now)
+                if mid not in self.pending:  # the clients retry: hold their place till then
+                    s.place_until = now + retry_after + RETRY_GRACE_S
         self._schedule()
         self.effects.wake_at(self.next_deadline())
 
@@ -458,15 +472,22 @@ class Scheduler:
                 continue
             hold = max((self.policy.hold_until(self.residents[v], target, now)
                         for v in victims), default=0.0)
-            if hold > now:  # a fresh load serves on (min_residency): the start waits,
+            if hold > now:  # a fresh load or a burst serves on: the start waits,
                 if hold != math.inf:  # still first in line
                     self.effects.wake_at(hold)
+                for vid in victims:  # burst_max counts from the first start held back
+                    v = self.residents[vid]
+                    if v.holding_since is None and self.policy.hold_until(v, target, now) > now:
+                        v.holding_since = now
+                self._backfill(target, victims, now)
                 break
             for vid in victims:
                 self.residents[vid].evicting = target.id
                 self._stop_if_drained(self.residents[vid])
             if not victims and self._free_gb() >= target.model.memory_gb - 1e-9:
                 self._start(target, now)
+            else:
+                self._backfill(target, victims, now)
             break
         # A model whose eviction is called off serves its queued requests again.
         for s in was_evicting:
@@ -492,6 +513,40 @@ class Scheduler:
                 continue
             return s
         return None
+
+    def _enqueue(self, s: ModelState, now: float) -> None:
+        """`s` joins the start queue (FIFO), or takes back the place its requests had
+        before a queue timeout when a client retries in time: a timed-out request is not
+        sent to the back of the line behind models asked for after it."""
+        if s.id in self.pending:
+            return
+        self.pending[s.id] = None
+        if s.place_until >= now:
+            order = sorted(self.pending, key=lambda m: self.models[m].queued_since)
+            self.pending.clear()
+            self.pending.update(dict.fromkeys(order))
+        else:
+            s.queued_since = now
+        s.place_until = 0.0
+
+    def _backfill(self, head: ModelState, victims: list[str], now: float) -> None:
+        """The head of the start queue waits for memory (a hold, requests in flight):
+        start a later queued model that fits in free memory if its load ends before the
+        head could start, so the head waits no longer for it (backfilling, as batch
+        schedulers do). Typically a small model (embeddings, the utility) whose request
+        would otherwise wait behind the big swap."""
+        if not self.policy.backfill or self.starting is not None:
+            return
+        due = now + self._expected_wait([self.residents[v] for v in victims], head)
+        free = self._free_gb()
+        for mid in self.pending:
+            s = self.models[mid]
+            if (s is head or s.retry_at > now or s.resident or s.memory_gb > free + 1e-9
+                    or now + s.load_estimate > due):
+                continue
+            if plan(s.memory_gb, s.exclusive, self.residents.values(), self.budget_gb) == []:
+                self._start(s, now)
+                return
 
     def _start_pinned(self, now: float) -> None:
         for s in self.pinned:
@@ -561,6 +616,7 @@ class Scheduler:
         s.run += 1
         s.started_at = now
         s.stop_reason = None
+        s.holding_since = None
         s.active.clear()
         self.starting = s.id
         self.residents[s.id] = s
