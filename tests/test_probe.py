@@ -166,17 +166,21 @@ def demo_probe(demo, tmp_path_factory) -> tuple[tuple[int, str, str], tuple[int,
 @pytest.mark.e2e
 def test_demo_models_table(demo_probe):
     (code, out, err), _ = demo_probe
-    assert code == 0, out + err
+    # Gemma is a base model: in JSON mode it opens an object and never closes it.
+    assert code == 1, out + err
+    assert [ln.split(": ")[0] for ln in out.splitlines() if ": fail: " in ln] == ["gemma json"]
+    assert "gemma json: fail: the object was still open when max_tokens cut it" in out
     smol, gemma, embed = row(out, "smol-chat"), row(out, "gemma"), row(out, "gemma-embed")
     heads = ["MODEL", "LOADS", "CHAT", "STREAM", "TOOLS", "REASONING", "JSON", "CONTEXT",
              "2 AT ONCE", "EMBED"]
     assert row(out, "MODEL") == heads, out
     for name, cols in (("smol-chat", smol), ("gemma", gemma)):
         got = dict(zip(heads, cols, strict=True))
-        for probe_name in ("LOADS", "CHAT", "STREAM", "JSON", "CONTEXT", "2 AT ONCE"):
+        for probe_name in ("LOADS", "CHAT", "STREAM", "CONTEXT", "2 AT ONCE"):
             assert re.fullmatch(r"ok \d+\.\ds", got[probe_name]), (name, probe_name, out)
         assert got["REASONING"] == got["EMBED"] == "n/a"
     # The 135M model takes the tool and answers in prose: said so, and not a failure.
+    assert re.fullmatch(r"ok \d+\.\ds", smol[6]) and re.fullmatch(r"FAIL \d+\.\ds", gemma[6])
     assert re.fullmatch(r"no call \d+\.\ds", smol[4]), out
     assert "smol-chat tools: no call: answered without calling get_weather" in out
     assert gemma[4] == "n/a" and "gemma n/a: tools (no 'tools' capability)" in out

@@ -54,6 +54,8 @@ PROBES: dict[str, str] = {
 }
 CHAT_PROBES = ("chat", "stream", "tools", "reasoning", "json", "context", "concurrent")
 
+# Every request is greedy (temperature 0): a probe's result should not change from one
+# run to the next, so a change after an upgrade means something.
 QUESTION = "What is the capital of France? Answer in one sentence."
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -215,8 +217,11 @@ def classify_json(msg: dict[str, Any], finish: str | None) -> tuple[Status, str]
     try:
         value = json.loads(content)
     except ValueError:
-        cut = " (cut at max_tokens)" if finish == "length" else ""
-        return "fail", f"content is not JSON{cut}: {_short(content) or '(empty)'}"
+        if finish == "length" and content.lstrip().startswith("{"):
+            return "fail", ("the object was still open when max_tokens cut it (the engine "
+                            f"constrains the output, the model does not finish): "
+                            f"{_short(content, 40)}")
+        return "fail", f"content is not JSON: {_short(content) or '(empty)'}"
     if not isinstance(value, dict):
         return "fail", f"content is JSON but not an object: {_short(content)}"
     return "ok", f"a JSON object: {_short(content, 40)}"
@@ -246,7 +251,7 @@ class Prober:
     def chat_body(self, model: str, content: str, max_tokens: int, **extra: Any
                   ) -> dict[str, Any]:
         return {"model": model, "messages": [{"role": "user", "content": content}],
-                "max_tokens": max_tokens, **extra}
+                "max_tokens": max_tokens, "temperature": 0, **extra}
 
     async def chat(self, body: dict[str, Any], timeout: float | None = -1.0) -> Reply:
         return await call(self.http, "/v1/chat/completions", body,
@@ -324,7 +329,7 @@ class Prober:
         question = {"role": "user",
                     "content": "What is the weather in Paris right now? Use get_weather."}
         body = {"model": model, "messages": [question], "tools": [WEATHER_TOOL],
-                "max_tokens": tokens}
+                "max_tokens": tokens, "temperature": 0}
         first = await self.chat(body)
         msg = message_of(first) if first.ok else None
         if msg is None:
