@@ -253,9 +253,10 @@ class Prober:
         return {"model": model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": max_tokens, "temperature": 0, **extra}
 
-    async def chat(self, body: dict[str, Any], timeout: float | None = -1.0) -> Reply:
+    async def chat(self, body: dict[str, Any], *, starting: bool = False) -> Reply:
+        # A start has no limit here: the gateway bounds it itself (health_timeout).
         return await call(self.http, "/v1/chat/completions", body,
-                          self.timeout if timeout == -1.0 else timeout)
+                          None if starting else self.timeout)
 
     async def loads(self, info: dict[str, Any], kind: str) -> Cell:
         if info.get("state") == "ready":
@@ -265,8 +266,7 @@ class Prober:
             body = {"model": info["id"], "input": "hello"}
             reply = await call(self.http, "/v1/embeddings", body, None)
         else:
-            # No time limit: the gateway bounds a start itself (health_timeout).
-            reply = await self.chat(self.chat_body(info["id"], "Hi.", 1), None)
+            reply = await self.chat(self.chat_body(info["id"], "Hi.", 1), starting=True)
         if not reply.ok:
             return Cell("fail", f"did not start: {reply.why()}", reply.seconds)
         return Cell("ok", f"first answer from {was} after {reply.seconds:.1f} s", reply.seconds)
@@ -496,6 +496,10 @@ class Prober:
 # ---------------------------------------------------------------- selection and output
 
 
+class UsageError(Exception):
+    """A mistake in the command line (exit code 2)."""
+
+
 async def served(http: aiohttp.ClientSession) -> list[dict[str, Any]]:
     """What the gateway serves (/v1/models: enabled models, its peers' too)."""
     async with http.get("/v1/models") as resp:
@@ -515,10 +519,6 @@ def select(models: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]
         raise UsageError(f"not served here: {', '.join(unknown)} (served: "
                          f"{', '.join(m['id'] for m in models) or 'nothing'})")
     return list({by_name[i]["id"]: by_name[i] for i in ids}.values())
-
-
-class UsageError(Exception):
-    pass
 
 
 def table(results: list[Result], url: str) -> Table:
