@@ -19,6 +19,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sparkstack.config import Config, builtin_catalog, load_config
 from sparkstack.gateway.server import ServeInfo, serve
@@ -188,6 +189,19 @@ def mounts(tmp_path: Path) -> list[str]:
 
 
 
+
+
+@contextlib.asynccontextmanager
+async def local_server(app: web.Application) -> AsyncIterator[int]:
+    """Serve a stand-in (a hub, a peer) on 127.0.0.1 while the block runs; its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

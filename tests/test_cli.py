@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .conftest import KEY, fake, free_port, pid_alive, pids, write_config
+from .conftest import KEY, fake, free_port, local_server, pid_alive, pids, write_config
 
 SPARKSTACK = [sys.executable, "-m", "sparkstack.cli"]
 
@@ -145,10 +145,6 @@ async def test_setup_fetches_the_tiktoken_files_where_the_catalog_mounts_them(tm
 
     app = web.Application()
     app.router.add_get("/enc/{name}", file)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     config = tmp_path / "c.yaml"
     config.write_text("""
 models:
@@ -160,7 +156,7 @@ models:
     env: {TIKTOKEN_ENCODINGS_BASE: /etc/encodings}
     volumes: ["./enc:/etc/encodings:ro"]
 """)
-    try:
+    async with local_server(app) as port:
         args = ["setup", "--config", str(config), "--tiktoken-url", f"http://127.0.0.1:{port}/enc"]
         first = await asyncio.to_thread(run_cli, *args)
         assert first.returncode == 0, first.stderr
@@ -168,8 +164,6 @@ models:
             assert (tmp_path / "enc" / name).read_bytes() == data
         second = await asyncio.to_thread(run_cli, *args)
         assert second.stdout.count("already present") == 2
-    finally:
-        await runner.cleanup()
 
 
 def sigill_engine(tmp_path: Path) -> tuple[Path, dict[str, str]]:

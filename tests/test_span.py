@@ -22,7 +22,7 @@ from sparkstack.config import Span, load_config
 from sparkstack.engines import SpanLaunch, launch_spec
 from sparkstack.runtime.span import SpannedEngine
 
-from .conftest import fake, free_port, pid_alive
+from .conftest import fake, free_port, local_server, pid_alive
 from .nodes import Node, chat, until_peer
 
 DATA = Path(__file__).parent / "data"
@@ -283,25 +283,18 @@ async def test_a_worker_node_that_falls_silent_ends_the_lease(tmp_path):
 
     app = web.Application()
     app.router.add_post("/api/span/{model}", reserve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    config = load_config(text=f"""
-    node_name: spark-a
-    peers: [{{name: spark-b, url: "http://127.0.0.1:{port}"}}]
-    models:
-      big: {{engine: vllm, weights: x/y, memory_gb: 1, nodes: 2}}
-    """)
-    try:
-        async with aiohttp.ClientSession() as http:
-            spans = Spans(config, http)
-            lease, launch = await spans.reserve(config.models["big"], LogBuffer())
-            assert launch.rank == 0 and launch.master_addr == "127.0.0.1"
-            async with asyncio.timeout(silence(0.1) + 30):
-                why = await lease.ended
-            assert why == f"stopped answering for {0.3 + SILENCE_MARGIN_S:g} s"
-            await lease.release()
-    finally:
+    async with local_server(app) as port, aiohttp.ClientSession() as http:
+        config = load_config(text=f"""
+        node_name: spark-a
+        peers: [{{name: spark-b, url: "http://127.0.0.1:{port}"}}]
+        models:
+          big: {{engine: vllm, weights: x/y, memory_gb: 1, nodes: 2}}
+        """)
+        spans = Spans(config, http)
+        lease, launch = await spans.reserve(config.models["big"], LogBuffer())
+        assert launch.rank == 0 and launch.master_addr == "127.0.0.1"
+        async with asyncio.timeout(silence(0.1) + 30):
+            why = await lease.ended
+        assert why == f"stopped answering for {0.3 + SILENCE_MARGIN_S:g} s"
+        await lease.release()
         frozen.set()
-        await runner.cleanup()
