@@ -15,8 +15,11 @@ The policy, top to bottom:
    other's memory profiling). The head of the start queue plans its room with the
    eviction `Policy` (eviction.py; ours unless another is given): victims are marked
    leaving and stop as soon as their in-flight requests end, never before. New requests
-   for a leaving model queue behind the swap. A victim still inside its min_residency
-   is not marked yet: the head waits for the window to end, still first in line.
+   for a leaving model queue behind the swap. A victim still inside its min_residency,
+   or in a burst of requests, is not marked yet: the head waits, still first in line;
+   meanwhile a later queued model that fits in free memory may start if its load ends
+   before the head could start (backfilling). A request refused by queue_timeout whose
+   client retries in time gets its place in the start queue back.
 4. A failed start answers every waiter with the error and backs off before the next try;
    the model is stopped again, never wedged.
 5. Ready models with no request in flight stop after their TTL; pinned models never idle
