@@ -23,7 +23,7 @@ VENV = ROOT / ".venv-litellm"
 INSTALL = "bash scripts/litellm-venv.sh"
 
 READY_PATH = "/health/liveliness"  # answers once the app has started; needs no key
-# Process-wide settings: none of them reaches the network or a disk outside the scratch dir.
+# The proxy's environment: no download, errors-only logs, no banner, no database schema work.
 ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download of the cost map at start-up
     "LITELLM_LOG": "ERROR",

@@ -285,6 +285,15 @@ def markdown(r: dict[str, Any], made: dict[str, Path]) -> str:
       "with `make bench`; do not edit by hand. What changed these numbers over time, "
       "before and after: [performance-history.md](performance-history.md).\n")
 
+    fo = sp.get("interference_foreign_cores") or {}
+    if (fo.get("median") or 0) >= 0.25:
+        w(f"> **A disturbed run.** Other processes on this {mc.get('cores')}-core machine used "
+          f"{fo['median']:.2f} cores (up to {fo['max']:.2f}) during the median latency, "
+          "throughput or stream run: every proxy's figures are below what a quiet machine "
+          "gives, the gateway's (Python, one process) far more than nginx's. Comparisons "
+          "within this run (each pairs runs of the same repeat) still hold; absolute "
+          "figures do not compare with a quiet run's "
+          "([performance-history.md](performance-history.md)).\n")
     if not made:
         w("*(No plots: matplotlib is not installed; `.venv/bin/pip install -e '.[bench]'`.)*\n")
     w("## Targets\n")
@@ -607,7 +616,7 @@ def peer_section(w: Any, row: Any, r: dict[str, Any]) -> None:
         w(text + "\n")
     w(f"**{s['light_streams']} paced streams** ({s['light_streams'] / s['interval']:,.0f} "
       f"chunks/s; runs: {s['peer_repeats']}, direct, gateway and LiteLLM rotated), a load "
-      "LiteLLM can relay:\n")
+      "LiteLLM relays without losing chunks; proxy CPU over the whole run:\n")
     row("target", "chunks lost", "delay p99 (ms)", "delay max (ms)", "added p99 (ms)",
         "first chunk p50 (ms)", "proxy CPU (cores)")
     row(*["---"] * 7)

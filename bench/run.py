@@ -1,6 +1,6 @@
 """`make bench`: the gateway measured against its baselines, every figure in one run.
 
-    .venv/bin/python -m bench.run            # full run (~10 min): results/latest.json + docs
+    .venv/bin/python -m bench.run            # full run (~15 min): results/latest.json + docs
     .venv/bin/python -m bench.run --quick    # ~1 min smoke run: results/quick.json only
 
 Every process under test is a real subprocess on 127.0.0.1: the gateway
@@ -171,6 +171,7 @@ class Bench:
         self.procs = procs
         self.proxy_cpus, self.harness_cpus = cpus
         self.problems: list[str] = []
+        self.names: dict[int, str] = {}  # port → target, for the problems noted
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
@@ -308,7 +309,8 @@ class Bench:
         r["noise"] = noise
         bad = sum(r["errors"].values())
         if bad:
-            self.note(f"wrk on port {port} (c{conns}): {bad} errors {r['errors']}")
+            self.note(f"wrk on {self.names.get(port, f'port {port}')} (c{conns}): {bad} errors "
+                      f"{r['errors']}")
         return r
 
     def streamload(self, port: int, *, model: str, streams: int, chunks: int, interval: float,
@@ -324,7 +326,7 @@ class Bench:
         r: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         r["noise"] = meter.stop()
         if r["errors"]:
-            self.note(f"streams on port {port}: errors {r['errors']}")
+            self.note(f"streams on {self.names.get(port, f'port {port}')}: errors {r['errors']}")
         return r
 
     def run_capture(self, name: str, argv: list[str], *, timeout: float,
@@ -408,6 +410,7 @@ def traffic(b: Bench) -> dict[str, Any]:
         ll = b.litellm("fast", stub_port)
         ports[PEER], proxy_pid[PEER] = ll.port, ll.pid
         targets = (*TARGETS, PEER)
+    b.names = {port: t for t, port in ports.items()}
     for t in targets:  # warm-up: connections, pools, caches
         b.wrk(ports[t], 16, 2, 1)
     out: dict[str, Any] = {"latency": {t: [] for t in targets},
@@ -995,7 +998,9 @@ def peer_figures(tr: dict[str, Any]) -> dict[str, dict[str, Any]]:
             fig[f"{t}_light_added_delay_ms_p99"] = spread(
                 x["delay_ms"]["p99"] - d["delay_ms"]["p99"]
                 for x, d in zip(light[t], light["direct"], strict=True))
-            fig[f"{t}_light_cpu_cores"] = spread(r["cpu_cores"].get("proxy") for r in light[t])
+            # The whole run: a relay that falls behind leaves no steady window.
+            fig[f"{t}_light_cpu_cores"] = spread(r["run_cpu_cores"].get("proxy")
+                                                 for r in light[t])
     fig["vs_litellm_light_first_chunk_p50"] = spread(
         ratio(x["first_chunk_ms"]["p50"], g["first_chunk_ms"]["p50"])
         for x, g in zip(light[PEER], light["gateway"], strict=True))
