@@ -39,6 +39,7 @@ class Recorder:
     def __init__(self) -> None:
         self.started: list[str] = []
         self.stopped: list[str] = []
+        self.wakes: list[float] = []  # when the scheduler asked to be woken (holds end)
 
     def start_engine(self, model_id: str) -> None:
         self.started.append(model_id)
@@ -56,7 +57,8 @@ class Recorder:
         pass
 
     def wake_at(self, when: float | None) -> None:
-        pass
+        if when is not None:
+            self.wakes.append(when)
 
 
 def stats_ms(ns: list[int]) -> dict[str, float]:
@@ -102,10 +104,17 @@ def measure(n_models: int = 500, decisions: int = 2000, budget_gb: float | None 
                 timed("events", sched.engine_ready, fx.started.pop(0))
             elif models[target].state is State.READY:
                 return
-            else:  # a victim is busy: its request ends, then it stops
-                victim = next(t for t in busy if models[t.model].leaving)
+            elif busy:  # requests in flight end (a victim's first): then it can stop
+                victim = next((t for t in busy if models[t.model].leaving), busy[0])
                 busy.remove(victim)
                 timed("finish", sched.finish, victim)
+            else:  # a fresh load or a burst holds the start back until a time it named
+                due = [w for w in fx.wakes if w > clock.t]
+                if not due:
+                    break
+                clock.t = min(due)
+                fx.wakes = due
+                timed("events", sched.tick)
         raise RuntimeError(f"{target} never became ready")
 
     # Fill the budget: start models while they fit without evicting anything.
