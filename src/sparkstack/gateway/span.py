@@ -92,7 +92,7 @@ async def _reserve(request: web.Request, config: Config, supervisor: Supervisor
         await response.write(event_line("ready"))
         why = await _serve(supervisor, mid, response, heartbeat)
         await response.write(event_line("ended", error=why))
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:  # the head closed the lease (a cancellation ends here too)
         log.info("%s: the head on %s let go of the worker half", mid, head)
     finally:
         spans.worker_launches.pop(mid, None)
