@@ -130,7 +130,7 @@ async def test_first_run_generates_a_private_key_and_prints_a_curl(tmp_path):
 def test_models_lists_the_dgx_spark_catalog():
     result = run_cli("models", "--catalog", "dgx-spark", env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
-    assert "53 models in the built-in catalog 'dgx-spark'" in result.stdout
+    assert "54 models in the built-in catalog 'dgx-spark'" in result.stdout
     for model in ("gpt-oss-120b", "qwen2.5-1.5b-instruct", "nemotron-3-nano-30b-nvfp4"):
         assert model in result.stdout
 

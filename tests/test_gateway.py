@@ -100,7 +100,9 @@ async def test_models_list_answers_from_the_catalog_without_loading(start_gatewa
 
 async def test_swap_waits_for_inflight_stream(start_gateway, tmp_path):
     yaml, sa, sb = two_models(tmp_path, "--tokens", "15")
-    gw = await start_gateway(yaml)
+    # No burst hold: the swap is marked at once and waits only for the stream in flight
+    # (a burst's hold is the scheduler tests' subject).
+    gw = await start_gateway(yaml, burst_gap="0s")
     await gw.chat("a", max_tokens=1)
     stream_a = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
@@ -120,7 +122,7 @@ async def test_swap_waits_for_inflight_stream(start_gateway, tmp_path):
 
 async def test_waiter_that_disconnects_leaves_the_queue(start_gateway, tmp_path):
     yaml, _, sb = two_models(tmp_path)
-    gw = await start_gateway(yaml, keepalive_interval="0.1s")
+    gw = await start_gateway(yaml, keepalive_interval="0.1s", burst_gap="0s")
     stream_a = asyncio.create_task(gw.stream("a", headers=HELD))
     await gw.until(lambda: bool(gw.state("a").active))
     waiting = asyncio.create_task(gw.stream("b"))
