@@ -98,11 +98,11 @@ def _find_key(cfg: Config | None) -> str | None:
 
 async def _json(resp: aiohttp.ClientResponse) -> Any:
     if resp.status >= 400:
-        raise StackError(await _error(resp))
+        raise StackError(await error_message(resp))
     return await resp.json(content_type=None)
 
 
-async def _error(resp: aiohttp.ClientResponse) -> str:
+async def error_message(resp: aiohttp.ClientResponse) -> str:
     text = await resp.text()
     try:
         return str(json.loads(text)["error"]["message"])
@@ -115,7 +115,7 @@ async def events(http: aiohttp.ClientSession, model: str | None = None
     """The stack's event stream, as (kind, data)."""
     async with http.get("/api/events", params={"model": model} if model else None) as resp:
         if resp.status >= 400:
-            raise StackError(await _error(resp))
+            raise StackError(await error_message(resp))
         kind = "message"
         async for raw in resp.content:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -221,7 +221,7 @@ async def _load(stack: Stack, model: str) -> None:
         heard.cancel()
         try:
             async with http.post(f"/api/models/{model}/load") as resp:
-                failed = await _error(resp) if resp.status >= 400 else None
+                failed = await error_message(resp) if resp.status >= 400 else None
                 view = None if failed else await resp.json()
         finally:
             watcher.cancel()
@@ -321,7 +321,7 @@ async def _logs(stack: Stack, model: str, follow: bool, lines: int) -> None:
     async with stack.session() as http, http.get(f"/api/models/{model}/logs",
                                                  params=params) as resp:
         if resp.status >= 400:
-            raise StackError(await _error(resp))
+            raise StackError(await error_message(resp))
         async for chunk in resp.content.iter_any():
             sys.stdout.write(chunk.decode("utf-8", errors="replace"))
             sys.stdout.flush()
@@ -385,7 +385,7 @@ async def _turn(http: aiohttp.ClientSession, model: str, messages: list[dict[str
     usage: dict[str, Any] = {}
     async with http.post("/v1/chat/completions", json=body) as resp:
         if resp.status >= 400:
-            raise StackError(await _error(resp))
+            raise StackError(await error_message(resp))
         async for raw in resp.content:
             line = raw.decode("utf-8", errors="replace").strip()
             if line.startswith(": loading"):
@@ -415,8 +415,8 @@ async def _turn(http: aiohttp.ClientSession, model: str, messages: list[dict[str
 # ------------------------------------------------------------------ the commands
 
 
-def _run(stack_args: tuple[str | None, str | None, Path | None, str | None],
-         make: Callable[[Stack], Coroutine[Any, Any, None]]) -> None:
+def run_against(stack_args: tuple[str | None, str | None, Path | None, str | None],
+                make: Callable[[Stack], Coroutine[Any, Any, None]]) -> None:
     try:
         stack = find_stack(*stack_args)
         asyncio.run(make(stack))
@@ -439,7 +439,7 @@ def register(app: typer.Typer) -> None:
                                                         help="stopped models too")] = False,
                ) -> None:
         """What runs now: state, memory measured/declared, in flight, queued, idle, TTL."""
-        _run((url, key, config, catalog), lambda s: _status(s, all_models))
+        run_against((url, key, config, catalog), lambda s: _status(s, all_models))
 
     @app.command()
     def top(url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None,
@@ -447,13 +447,13 @@ def register(app: typer.Typer) -> None:
             interval: Annotated[float, typer.Option(help="seconds between updates")] = 1.0,
             ) -> None:
         """Status of every model, refreshed live (Ctrl-C ends)."""
-        _run((url, key, config, catalog), lambda s: _top(s, interval))
+        run_against((url, key, config, catalog), lambda s: _top(s, interval))
 
     @app.command()
     def load(model: Annotated[str, typer.Argument(help="model id")], url: UrlOpt = None,
              key: KeyOpt = None, config: ConfigOpt = None, catalog: CatalogOpt = None) -> None:
         """Load a model, with its progress (phase, percent, elapsed), then the load time."""
-        _run((url, key, config, catalog), lambda s: _load(s, model))
+        run_against((url, key, config, catalog), lambda s: _load(s, model))
 
     @app.command()
     def unload(model: Annotated[str, typer.Argument(help="model id")],
@@ -462,7 +462,7 @@ def register(app: typer.Typer) -> None:
                url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None,
                catalog: CatalogOpt = None) -> None:
         """Stop a model once its in-flight requests are done (--force: now)."""
-        _run((url, key, config, catalog), lambda s: _unload(s, model, force))
+        run_against((url, key, config, catalog), lambda s: _unload(s, model, force))
 
     @app.command()
     def logs(model: Annotated[str, typer.Argument(help="model id")],
@@ -472,7 +472,7 @@ def register(app: typer.Typer) -> None:
              url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None,
              catalog: CatalogOpt = None) -> None:
         """A model engine's log (-f follows it)."""
-        _run((url, key, config, catalog), lambda s: _logs(s, model, follow, lines))
+        run_against((url, key, config, catalog), lambda s: _logs(s, model, follow, lines))
 
     @app.command()
     def activity(n: Annotated[int, typer.Option("-n", help="how many requests")] = 20,
@@ -480,7 +480,7 @@ def register(app: typer.Typer) -> None:
                  url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None,
                  catalog: CatalogOpt = None) -> None:
         """The last requests: status, tokens, time to first token, tokens/s, duration."""
-        _run((url, key, config, catalog), lambda s: _activity(s, n, model))
+        run_against((url, key, config, catalog), lambda s: _activity(s, n, model))
 
     @app.command()
     def chat(model: Annotated[str, typer.Argument(help="model id")],
@@ -489,4 +489,4 @@ def register(app: typer.Typer) -> None:
              url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None,
              catalog: CatalogOpt = None) -> None:
         """Chat with a model (streamed); interactive when no prompt is given."""
-        _run((url, key, config, catalog), lambda s: _chat(s, model, prompt))
+        run_against((url, key, config, catalog), lambda s: _chat(s, model, prompt))

@@ -39,10 +39,10 @@ from .client import (
     Stack,
     StackError,
     UrlOpt,
-    _error,
-    _run,
     err,
+    error_message,
     out,
+    run_against,
 )
 
 Status = Literal["ok", "fail", "n/a", "no call"]
@@ -129,7 +129,7 @@ async def call(http: aiohttp.ClientSession, path: str, body: dict[str, Any],
     try:
         async with asyncio.timeout(timeout), http.post(path, json=body) as resp:
             if resp.status >= 400:
-                return Reply(resp.status, None, await _error(resp), time.monotonic() - began)
+                return Reply(resp.status, None, await error_message(resp), time.monotonic() - began)
             text = await resp.text()
             took = time.monotonic() - began
             try:
@@ -289,7 +289,7 @@ class Prober:
             async with asyncio.timeout(self.timeout), self.http.post(
                     "/v1/chat/completions", json=body) as resp:
                 if resp.status >= 400:
-                    return Cell("fail", f"{resp.status} {await _error(resp)}",
+                    return Cell("fail", f"{resp.status} {await error_message(resp)}",
                                 time.monotonic() - began)
                 async for raw in resp.content:
                     line = raw.decode("utf-8", errors="replace").strip()
@@ -504,7 +504,7 @@ async def served(http: aiohttp.ClientSession) -> list[dict[str, Any]]:
     """What the gateway serves (/v1/models: enabled models, its peers' too)."""
     async with http.get("/v1/models") as resp:
         if resp.status >= 400:
-            raise StackError(await _error(resp))
+            raise StackError(await error_message(resp))
         return list((await resp.json(content_type=None))["data"])
 
 
@@ -602,7 +602,7 @@ def register(app: typer.Typer) -> None:
             err.print("[red]name the models to probe, or give --all[/]")
             raise typer.Exit(2)
         try:
-            _run((url, key, config, catalog),
+            run_against((url, key, config, catalog),
                  lambda s: run(s, models or [], every, as_json, timeout))
         except UsageError as e:
             err.print(str(e), style="red", markup=False)
