@@ -201,6 +201,25 @@ def test_a_small_model_starts_while_the_big_swap_waits_if_it_does_not_delay_it()
     assert fx.stopped == [("a", "evicted for b")]
 
 
+def test_a_backfill_never_takes_the_room_the_waiting_swap_needs():
+    """b (8 GB) waits for a's window; c (3 GB) fits in the 4 GB free now, but with c
+    resident, b would need c evicted too once a has gone: c waits its turn."""
+    sched, fx, clock = make({"a": {"memory_gb": 6}, "b": {"memory_gb": 8},
+                             "c": {"memory_gb": 3, "load_seconds": 10}},
+                            min_residency="5m", burst_gap=0)
+    serve(sched, clock, "a")
+    tb = sched.submit("b")
+    tc = sched.submit("c")
+    assert fx.started == ["a"] and tc.status == "waiting"
+    clock.t = 1300
+    sched.tick()
+    assert fx.stopped == [("a", "evicted for b")]
+    stopped(sched, "a")
+    assert fx.started[-1] == "b", "b starts on time: nothing else took its room"
+    sched.engine_ready("b")
+    assert tb.status == "granted"
+
+
 # ------------------------------------------------------------------ queue timeouts
 
 

@@ -542,9 +542,13 @@ class Scheduler:
             return
         due = now + self._expected_wait([self.residents[v] for v in victims], head)
         free = self._free_gb()
+        # What stays free once the head's victims have gone and the head runs: a
+        # backfilled model must fit there too, or it would become one more victim.
+        spare = free + sum(self.residents[v].memory_gb for v in victims) - head.memory_gb
         for mid in self.pending:
             s = self.models[mid]
-            if (s is head or s.retry_at > now or s.resident or s.memory_gb > free + 1e-9
+            if (s is head or s.retry_at > now or s.resident
+                    or s.memory_gb > min(free, spare) + 1e-9
                     or now + s.load_estimate > due):
                 continue
             if plan(s.memory_gb, s.exclusive, self.residents.values(), self.budget_gb) == []:
