@@ -8,8 +8,11 @@ request is visible as soon as it has finished. The table is bounded by rows and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,13 +39,22 @@ CREATE INDEX IF NOT EXISTS activity_model_ts ON activity (model, ts);
 """
 
 
+def _background() -> None:
+    """In the writer's thread: the lowest CPU priority (Linux applies it to the thread).
+    The writer is bookkeeping: on a machine with few cores it must not take the CPU from
+    the event loop in the middle of requests (docs/performance-history.md)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class ActivityStore:
     def __init__(self, path: Path, max_rows: int = 100_000, max_days: float = 30.0) -> None:
         self.path = path
         self.max_rows = max_rows
         self.max_days = max_days
         self._pending: list[tuple[Any, ...]] = []
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="activity")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="activity",
+                                        initializer=_background)
         self._db: sqlite3.Connection | None = None
         self._flusher: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None
