@@ -58,6 +58,17 @@ class Download:
             await asyncio.sleep(0.1)
 
 
+async def failed_start(sup: Supervisor) -> Refusal:
+    """Ask for "big" and return why its start failed."""
+    ticket = sup.submit("big")
+    try:
+        with pytest.raises(Refusal) as e:
+            await asyncio.wait_for(sup.wait(ticket), 60)
+    finally:
+        sup.finish(ticket)
+    return e.value
+
+
 async def test_a_start_lives_past_its_health_timeout_while_weights_arrive(tmp_path):
     # The engine turns healthy after 3 health_timeouts; bytes arrive the whole time.
     config = load_config(catalog(tmp_path, "--ready-delay", 3 * HEALTH_TIMEOUT))
@@ -90,19 +101,16 @@ async def test_a_stalled_download_fails_the_start_after_one_health_timeout(tmp_p
         began = loop.time()
         # Bytes for twice the health_timeout, then nothing.
         grower = asyncio.create_task(download.grow(seconds=2 * HEALTH_TIMEOUT))
-        ticket = sup.submit("big")
         try:
-            with pytest.raises(Refusal) as e:
-                await asyncio.wait_for(sup.wait(ticket), 60)
+            refusal = await failed_start(sup)
         finally:
-            sup.finish(ticket)
             await grower
         failed = loop.time()
-        assert e.value.reason is Reason.START_TIMEOUT
+        assert refusal.reason is Reason.START_TIMEOUT
         assert download.last_write - began >= 2 * HEALTH_TIMEOUT - 0.2
         assert failed > download.last_write, "not while bytes were still arriving"
-        assert "weights download stalled in" in (e.value.error or "")
-        assert "sparkstack pull big" in (e.value.error or "")
+        assert "weights download stalled in" in (refusal.error or "")
+        assert "sparkstack pull big" in (refusal.error or "")
         assert sup.state("big").state is State.STOPPED
 
 
@@ -112,12 +120,7 @@ async def test_without_a_download_the_health_timeout_is_as_before(tmp_path):
     async with Supervisor(config, {"process": ProcessRuntime()}, 4,
                           data_dir=tmp_path / "data") as sup:
         began = loop.time()
-        ticket = sup.submit("big")
-        try:
-            with pytest.raises(Refusal) as e:
-                await asyncio.wait_for(sup.wait(ticket), 60)
-        finally:
-            sup.finish(ticket)
-        assert e.value.reason is Reason.START_TIMEOUT
-        assert "stalled" not in (e.value.error or "")
+        refusal = await failed_start(sup)
+        assert refusal.reason is Reason.START_TIMEOUT
+        assert "stalled" not in (refusal.error or "")
         assert loop.time() - began < 20 * HEALTH_TIMEOUT
