@@ -232,3 +232,11 @@ async def test_the_gateway_and_status_show_whether_weights_are_here(start_gatewa
            ) != "downloaded" and loop.time() < deadline:
         await asyncio.sleep(0.2)
     assert state == "downloaded"
+
+
+def test_check_says_which_weights_are_here_and_how_to_fetch_the_rest(hub, catalog):
+    tmp = catalog.parent
+    assert run(hub, "pull", "tiny", "--config", str(catalog), home=tmp).returncode == 0
+    result = run(hub, "check", "--config", str(catalog), home=tmp)
+    assert ("weights on disk for 1 of 2 models; the others (tiny-proc) download on their "
+            "first start: `sparkstack pull <id>` fetches them ahead") in result.stdout

@@ -28,6 +28,7 @@ from .images import describe as describe_image
 from .runtime import LogBuffer, ProcessRuntime
 from .runtime.base import StartError, describe_exit, free_port, port_is_free
 from .runtime.docker import docker_host, resolve_volume
+from .weights import model_state
 
 TIKTOKEN_FILES = ("cl100k_base.tiktoken", "o200k_base.tiktoken")
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/"
@@ -88,6 +89,7 @@ async def check_host(config: Config, listen: str | None = None,
     if data_dir is not None:
         found += await engine_selftest(config, data_dir)
     found += _check_requires([m for m in config.models.values() if m.enabled])
+    found += _check_weights([m for m in config.models.values() if m.enabled])
     caches = {h for m in docker_models for h, c in _mounts(m) if c.endswith("huggingface")}
     for cache in sorted(caches):
         probe = cache
@@ -99,6 +101,28 @@ async def check_host(config: Config, listen: str | None = None,
                              f"models need tens of GB each; free at least "
                              f"{HF_CACHE_MIN_FREE_GB} GB"))
     return found
+
+
+def _check_weights(models: list[Model]) -> list[Finding]:
+    """Which models' hub weights are on disk: advice, not a problem (a start downloads
+    what is missing, and is not declared dead while bytes arrive)."""
+    states: dict[str, list[str]] = {}
+    for m in models:
+        st = model_state(m)
+        if st is not None:
+            states.setdefault(st, []).append(m.id)
+    if not states:
+        return []
+    have, partial = states.get("downloaded", []), states.get("partial", [])
+    missing = states.get("missing", [])
+    text = f"weights on disk for {len(have)} of {len(have) + len(partial) + len(missing)} models"
+    if partial:
+        text += f"; partly downloaded: {', '.join(partial)} (sparkstack pull resumes)"
+    if missing:
+        shown = ", ".join(missing[:3]) + ("…" if len(missing) > 3 else "")
+        text += (f"; the others ({shown}) download on their first start: "
+                 f"`sparkstack pull <id>` fetches them ahead")
+    return [Finding(True, text)]
 
 
 DRIVER_VERSION_FILES = ("/sys/module/nvidia/version", "/proc/driver/nvidia/version")
