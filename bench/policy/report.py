@@ -105,6 +105,14 @@ def markdown(doc: dict[str, Any], traces: dict[str, list[list[Request]]]) -> str
     return "\n".join(out)
 
 
+def _save(fig: Any, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(FIGS / name, dpi=110)
+    plt.close(fig)
+
+
 def plots(doc: dict[str, Any]) -> None:
     import matplotlib
 
@@ -134,9 +142,7 @@ def plots(doc: dict[str, Any]) -> None:
     ax.set_ylabel("total wait / best peer's (log)")
     ax.set_title("Total wait per trace, against the best peer policy (lower is better)")
     ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(FIGS / "total_wait.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "total_wait.png")
 
     if "mixed" in res:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -151,9 +157,7 @@ def plots(doc: dict[str, Any]) -> None:
         ax.set_ylabel("share of requests waiting longer than x (none: 1e-5)")
         ax.set_title("Mixed trace: the tail of the waits")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(FIGS / "tail_mixed.png", dpi=110)
-        plt.close(fig)
+        _save(fig, "tail_mixed.png")
 
     fig, ax = plt.subplots(figsize=(10, 4.2))
     for i, name in enumerate(policies):
@@ -167,9 +171,7 @@ def plots(doc: dict[str, Any]) -> None:
     ax.set_ylabel("engine starts (hatched: wasted)")
     ax.set_title("Loads per trace; hatched: stopped before serving 2 requests")
     ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(FIGS / "loads.png", dpi=110)
-    plt.close(fig)
+    _save(fig, "loads.png")
 
     if doc.get("sweep"):
         sw = doc["sweep"]
@@ -185,9 +187,7 @@ def plots(doc: dict[str, Any]) -> None:
         ax.set_ylabel("ours' total wait / best peer's")
         ax.set_title("Choosing min_residency")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(FIGS / "min_residency.png", dpi=110)
-        plt.close(fig)
+        _save(fig, "min_residency.png")
 
 
 def write(doc: dict[str, Any], traces: dict[str, list[list[Request]]]) -> None:
