@@ -124,11 +124,15 @@ async def _serve(supervisor: Supervisor, mid: str, response: web.StreamResponse,
     """Hold the worker half until its run ends; why it ended."""
     state = supervisor.state(mid)
     run = state.run
-    # Only an unload on this node ends it here: an eviction waits for the lease to end,
-    # like any request in flight.
+    engine_run = supervisor.runs[mid].task  # ends once the run's exit is reported
+    assert engine_run is not None
+    # Only an unload on this node ends it here (seen at the next heartbeat): an eviction
+    # waits for the lease to end, like any request in flight. Waiting on the run itself,
+    # not on every state change of the node, keeps the lease off the request path.
     while state.run == run and state.state is State.READY and not state.unload_requested:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(supervisor.wait_changed(), heartbeat)
+        done, _ = await asyncio.wait({engine_run}, timeout=heartbeat)
+        if done:
+            break
         await response.write(event_line("alive"))
     if state.run == run and state.state is State.READY:
         return "was asked to stop on its node"
