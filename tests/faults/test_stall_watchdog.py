@@ -70,3 +70,20 @@ async def test_a_client_going_away_as_the_bound_passes_is_still_a_cancellation()
     dog._check()  # both before the request runs again
     task.cancel()
     assert await task is False, "two cancellations, one ours: the client's wins"
+
+
+async def test_a_short_bound_is_kept_beside_long_ones():
+    """One sweep watches every answer: a short bound registered after long ones (a model
+    with a 0.4 s stream_idle_timeout beside the default 300 s) still fires on time, and
+    the long ones do not."""
+    loop = asyncio.get_running_loop()
+    long_ones = [Watchdog(300) for _ in range(50)]
+    began = loop.time()
+    short = Watchdog(0.4)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(30)
+    took = loop.time() - began
+    assert short.stalled() and 0.4 <= took < 0.4 * 1.25 + 0.3, took
+    assert not any(d.fired for d in long_ones)
+    for d in (*long_ones, short):
+        d.close()

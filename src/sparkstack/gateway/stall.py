@@ -1,10 +1,12 @@
-"""The idle bound on an engine's answer (`stream_idle_timeout`), without a timer per chunk.
+"""The idle bound on an engine's answer (`stream_idle_timeout`), without a timer per request.
 
-A relayed answer records the time of each chunk (one store); a single timer per request
-looks at it only when the bound could have passed, and re-arms itself for the real
-deadline when bytes came meanwhile. aiohttp's own `sock_read` timeout re-creates a timer
-on every read instead: measured at 400 paced streams (20,000 chunks/s), ~0.1 of a core
-more for the gateway.
+A relayed answer records the time of each chunk (one store). One timer per event loop
+(the sweep) looks at every answer being relayed, a few times per bound and at least once
+a second; a stall is noticed within a quarter of the bound after it passed (at most a
+second). aiohttp's own `sock_read` timeout re-creates a timer on every read instead:
+measured at 400 paced streams (20,000 chunks/s), ~0.1 of a core more for the gateway; a
+timer per request still cost ~5% of the gateway's throughput on small requests
+(docs/performance-history.md).
 
 Until the engine's headers arrive, a stall cancels the request (as `asyncio.timeout`
 does, and as safely: a client's own cancellation is told apart); once the body flows, it
@@ -14,8 +16,12 @@ fails the body's reader, so the relay ends the answer where it is.
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 from aiohttp import StreamReader
+
+MAX_TICK_S = 1.0  # the sweep's longest interval: a bound is checked at least this often
+TICKS_PER_BOUND = 4  # ... and this many times within the shortest bound being watched
 
 
 class EngineStalled(Exception):
@@ -23,8 +29,7 @@ class EngineStalled(Exception):
 
 
 class Watchdog:
-    __slots__ = ("_cancelling", "_content", "_handle", "_loop", "_task", "fired", "idle",
-                 "last")
+    __slots__ = ("_cancelling", "_content", "_loop", "_sweep", "_task", "fired", "idle", "last")
 
     def __init__(self, idle: float) -> None:
         self._loop = asyncio.get_running_loop()
@@ -36,7 +41,8 @@ class Watchdog:
         self.idle = idle
         self.fired = False
         self.last = self._loop.time()
-        self._handle = self._loop.call_at(self.last + idle, self._check)
+        self._sweep = _Sweep.of(self._loop)
+        self._sweep.watch(self)
 
     def feed(self) -> None:
         """Bytes arrived."""
@@ -49,11 +55,11 @@ class Watchdog:
         self.feed()
 
     def _check(self) -> None:
-        due = self.last + self.idle
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
+        """Fire if the bound has passed since the last bytes."""
+        if self.fired or self._loop.time() < self.last + self.idle:
             return
         self.fired = True
+        self._sweep.dogs.discard(self)
         if self._content is not None:
             self._content.set_exception(EngineStalled())
         else:
@@ -66,4 +72,44 @@ class Watchdog:
                 and self._task.uncancel() <= self._cancelling)
 
     def close(self) -> None:
-        self._handle.cancel()
+        self._sweep.dogs.discard(self)
+
+
+class _Sweep:
+    """The one timer of an event loop that checks every watchdog on it."""
+
+    # Only while something is watched, so a closed loop is never kept.
+    _loops: ClassVar[dict[asyncio.AbstractEventLoop, _Sweep]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dogs: set[Watchdog] = set()
+        self.due = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweep:
+        sweep = cls._loops.get(loop)
+        if sweep is None:
+            sweep = cls._loops[loop] = cls(loop)
+        return sweep
+
+    def watch(self, dog: Watchdog) -> None:
+        self.dogs.add(dog)
+        due = self.loop.time() + min(MAX_TICK_S, dog.idle / TICKS_PER_BOUND)
+        if self.handle is None or due < self.due:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.due = due
+            self.handle = self.loop.call_at(due, self._run)
+
+    def _run(self) -> None:
+        self.handle = None
+        for dog in list(self.dogs):
+            dog._check()
+        if not self.dogs:  # idle: forget this loop until a request comes
+            self._loops.pop(self.loop, None)
+            return
+        tick = min(MAX_TICK_S, min(d.idle for d in self.dogs) / TICKS_PER_BOUND)
+        self.due = self.loop.time() + tick
+        self.handle = self.loop.call_at(self.due, self._run)
