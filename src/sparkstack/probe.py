@@ -10,11 +10,13 @@ Everything goes through the gateway's OpenAI API, as a client would, so a probe 
 checks the gateway's shaping in front of the engine. Which probes apply comes from what
 /v1/models says a model serves (`capabilities`): tools only with `tools`, reasoning only
 with `reasoning`. A model that is not running is started by its first request: that
-request's time is the LOADS cell.
+request's time is the LOAD cell.
 
-Each cell is ok, fail (with why), n/a (with why) or, for tools, "no call": the model
-accepted the tool and answered in prose instead of calling it. That is the model's
-choice (small models do it), not a broken pipeline, so it does not fail the run.
+Each probe ends ok, fail, n/a or, for tools, "no call": the model accepted the tool and
+answered in prose instead of calling it. That is the model's choice (small models do
+it), not a broken pipeline, so it does not fail the run. The table shows only that word
+(and a figure where one tells something), so that it fits 80 columns; why goes in the
+lines under it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import aiohttp
 import typer
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from .client import (
@@ -46,11 +49,12 @@ from .client import (
 )
 
 Status = Literal["ok", "fail", "n/a", "no call"]
-# The probes, in table order, with their column headings.
+# The probes, in table order, with the short names people read (column headings, the
+# lines under the table, progress): short so that the table fits 80 columns.
 PROBES: dict[str, str] = {
-    "loads": "LOADS", "chat": "CHAT", "stream": "STREAM", "tools": "TOOLS",
-    "reasoning": "REASONING", "json": "JSON", "context": "CONTEXT",
-    "concurrent": "2 AT ONCE", "embeddings": "EMBED",
+    "loads": "load", "chat": "chat", "stream": "stream", "tools": "tools",
+    "reasoning": "think", "json": "json", "context": "ctx", "concurrent": "2x",
+    "embeddings": "embed",
 }
 CHAT_PROBES = ("chat", "stream", "tools", "reasoning", "json", "context", "concurrent")
 
@@ -76,14 +80,23 @@ class Cell:
     status: Status
     detail: str = ""
     seconds: float | None = None
+    shown: str = ""  # what the table shows for ok when it says more than "ok"
 
     def text(self) -> str:
-        """What the table shows: the status and how long it took."""
-        if self.status == "ok" and self.seconds is None:
-            return "ok (running)" if self.detail == "already running" else "ok"
-        took = f" {self.seconds:.1f}s" if self.seconds is not None else ""
-        return {"fail": "FAIL", "n/a": "n/a"}.get(self.status, self.status) + (
-            took if self.status != "n/a" else "")
+        """The table's cell: a status word of a few characters, or `shown`."""
+        if self.status == "ok":
+            return self.shown or "ok"
+        return {"fail": "FAIL", "n/a": "—"}.get(self.status, self.status)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+
+
+def _tokens(n: int) -> str:
+    """A token count in a few characters; large ones in k as context sizes are named
+    (131072 is 128k)."""
+    return str(n) if n < 10_000 else f"{n // 1024}k"
 
 
 @dataclass
@@ -98,7 +111,8 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.model, "kind": self.kind, "failed": self.failed,
-                "probes": {k: asdict(c) for k, c in self.cells.items()}}
+                "probes": {k: {"status": c.status, "detail": c.detail, "seconds": c.seconds}
+                           for k, c in self.cells.items()}}
 
 
 @dataclass
@@ -260,7 +274,7 @@ class Prober:
 
     async def loads(self, info: dict[str, Any], kind: str) -> Cell:
         if info.get("state") == "ready":
-            return Cell("ok", "already running")
+            return Cell("ok", "already running", shown="ready")
         was = info.get("state") or "not known"
         if kind == "embeddings":
             body = {"model": info["id"], "input": "hello"}
@@ -269,7 +283,8 @@ class Prober:
             reply = await self.chat(self.chat_body(info["id"], "Hi.", 1), starting=True)
         if not reply.ok:
             return Cell("fail", f"did not start: {reply.why()}", reply.seconds)
-        return Cell("ok", f"first answer from {was} after {reply.seconds:.1f} s", reply.seconds)
+        return Cell("ok", f"first answer from {was} after {reply.seconds:.1f} s", reply.seconds,
+                    _secs(reply.seconds))
 
     async def plain(self, model: str, tokens: int) -> Cell:
         reply = await self.chat(self.chat_body(model, QUESTION, tokens))
@@ -399,7 +414,8 @@ class Prober:
         if not near.ok:
             return Cell("fail", f"a prompt of ~{want} tokens, under the {limit} limit, was "
                         f"refused: {near.why()}", near.seconds)
-        got = ((near.body or {}).get("usage") or {}).get("prompt_tokens") or want
+        got = ((near.body or {}).get("usage") or {}).get("prompt_tokens")
+        got = got if isinstance(got, int) and got > 0 else want
         over = await self.chat(self.chat_body(model, FILLER * over_n, 8))
         over_tokens = round(base + over_n * per)
         took = near.seconds + over.seconds
@@ -410,7 +426,8 @@ class Prober:
             return Cell("fail", f"a prompt over the limit got {over.why()} instead of a 400 "
                         "with a message", took)
         return Cell("ok", f"{got}/{limit} tokens answered in {near.seconds:.1f} s; "
-                    f"~{over_tokens} refused: 400 {_short(over.error, 70)}", took)
+                    f"~{over_tokens} refused: 400 {_short(over.error, 70)}", took,
+                    f"{_tokens(got)}/{_tokens(limit)}")
 
     async def concurrent(self, model: str, tokens: int) -> Cell:
         began = time.monotonic()
@@ -522,11 +539,14 @@ def select(models: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]
 
 
 def table(results: list[Result], url: str) -> Table:
+    """One row per model; it fits 80 columns whole (cells of a few characters, and a long
+    model id wraps within its column rather than cutting the probes off)."""
+    # Two spaces between columns (a padding each side of a box line would make three).
     t = Table(title=f"probe of {url}", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
-    t.add_column("MODEL", no_wrap=True)
-    for heading in PROBES.values():
-        t.add_column(heading, no_wrap=True)
+              show_edge=False, padding=(0, 1, 0, 0))
+    t.add_column("MODEL", overflow="fold")
+    for name in PROBES.values():
+        t.add_column(name.upper(), no_wrap=True)
     style = {"ok": "green", "fail": "bold red", "n/a": "dim", "no call": "yellow"}
     for r in results:
         t.add_row(r.model, *(f"[{style[c.status]}]{c.text()}[/]" for c in r.cells.values()))
@@ -534,22 +554,34 @@ def table(results: list[Result], url: str) -> Table:
 
 
 def notes(results: list[Result]) -> list[str]:
-    """One line per cell that is not a plain ok (the table has no room for why), n/a
-    gathered per model."""
+    """What the table has no room for, one line each: why a probe failed or made no
+    call, what the context probe measured, and per model why the others did not run."""
     lines = []
     for r in results:
-        for name, c in r.cells.items():
+        for key, c in r.cells.items():
             if c.status in ("fail", "no call"):
-                lines.append(f"{r.model} {name}: {c.status}: {c.detail}")
-            elif c.status == "ok" and name == "context":
-                lines.append(f"{r.model} {name}: {c.detail}")
-        skipped = {c.detail: [n for n, x in r.cells.items() if x.status == "n/a"
-                              and x.detail == c.detail]
-                   for c in r.cells.values() if c.status == "n/a"}
+                lines.append(f"{r.model} {PROBES[key]}: {c.text()}: {c.detail}")
+            elif c.status == "ok" and key == "context":
+                lines.append(f"{r.model} {PROBES[key]}: {c.detail}")
+        skipped: dict[str, list[str]] = {}
+        for key, c in r.cells.items():
+            if c.status == "n/a":
+                skipped.setdefault(c.detail, []).append(PROBES[key])
         if skipped:
-            lines.append(f"{r.model} n/a: " + "; ".join(
+            lines.append(f"{r.model} not run: " + "; ".join(
                 f"{', '.join(names)} ({why})" for why, names in skipped.items()))
     return lines
+
+
+def show(console: Console, results: list[Result], url: str) -> None:
+    """The report for people: the table, then the lines that say why."""
+    console.print(table(results, url))
+    lines = notes(results)
+    if lines:
+        console.print()
+    for line in lines:
+        # One line each however long (the terminal wraps it): `grep FAIL` finds it whole.
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 async def run(stack: Stack, ids: list[str], every: bool, as_json: bool, timeout: float
@@ -563,7 +595,7 @@ async def run(stack: Stack, ids: list[str], every: bool, as_json: bool, timeout:
 
         def report(model: str, name: str, cell: Cell) -> None:
             took = f" {cell.seconds:.1f}s" if cell.seconds is not None else ""
-            err.print(f"{model} {name}: {cell.status}{took}"
+            err.print(f"{model} {PROBES[name]}: {cell.status}{took}"
                       + (f" ({_short(cell.detail, 90)})" if cell.status != "ok" else ""),
                       style="dim", markup=False)
 
@@ -572,9 +604,7 @@ async def run(stack: Stack, ids: list[str], every: bool, as_json: bool, timeout:
         print(json.dumps({"url": stack.url, "failed": any(r.failed for r in results),
                           "models": [r.as_dict() for r in results]}, indent=2))
     else:
-        out.print(table(results, stack.url))
-        for line in notes(results):
-            out.print(line, markup=False)
+        show(out, results, stack.url)
     if any(r.failed for r in results):
         raise typer.Exit(1)
 
@@ -595,7 +625,7 @@ def register(app: typer.Typer) -> None:
         """Check that models really work, through the running gateway: load, chat,
         streaming with usage, tool call round trip, reasoning apart, JSON mode, context
         ceiling, two requests at once (embeddings models: an embeddings request). A model
-        that is not running is started (that is what LOADS times), which may stop others
+        that is not running is started (that is what LOAD times), which may stop others
         to make room, as any request would. --config/--catalog only say where the gateway
         listens and which key to use. Exit code 1 when a probe failed."""
         if bool(models) == every:
