@@ -19,6 +19,10 @@ from huggingface_hub import constants
 from rich.console import Console
 
 from sparkstack.client import status_table
+from sparkstack.config import load_config
+from sparkstack.runtime import ProcessRuntime
+from sparkstack.supervisor import Supervisor
+from sparkstack.telemetry.events import ModelChanged
 
 from .conftest import fake
 from .fake_hub import FakeHub, HubThread, Repo
@@ -212,6 +216,7 @@ async def test_the_gateway_and_status_show_whether_weights_are_here(start_gatewa
             assert resp.status == 200
             return await resp.json()
 
+    await gw.supervisor.refresh_weights()  # the first read, begun at the start, is done
     body = await views()
     assert {m["id"]: m["weights_state"] for m in body["models"]} == {
         "big": "missing", "small": None}
@@ -219,19 +224,53 @@ async def test_the_gateway_and_status_show_whether_weights_are_here(start_gatewa
     console.print(status_table(body, all_models=True))
     assert "stopped, weights missing (sparkstack pull)" in console.export_text()
 
-    # The weights arrive (as a pull or the engine leaves them): the views follow.
-    snap = tmp_path / "hub" / "models--acme--big" / "snapshots" / "c0ffee"
+    # The weights arrive (as a pull or the engine leaves them): the views follow once the
+    # gateway has looked again (every 30 s, or at once after a start or a stop).
+    weights_arrive(tmp_path / "hub", "acme/big")
+    await gw.supervisor.refresh_weights()
+    assert {m["id"]: m for m in (await views())["models"]}["big"]["weights_state"] == (
+        "downloaded")
+
+
+def weights_arrive(cache: Path, repo: str) -> None:
+    """Complete weights in a hub cache, as the engine's own download leaves them."""
+    snap = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / "c0ffee"
     snap.mkdir(parents=True)
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("c0ffee")
     (snap / "config.json").write_text("{}")
     (snap / "model.safetensors").write_bytes(b"w" * 64)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while (state := {m["id"]: m for m in (await views())["models"]}["big"]["weights_state"]
-           ) != "downloaded" and loop.time() < deadline:
-        await asyncio.sleep(0.2)
-    assert state == "downloaded"
+
+
+async def test_a_view_reads_the_weights_state_in_memory_never_the_disk(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""
+        memory_gb: 4
+        models:
+          big:
+            engine: vllm
+            command: {fake()}
+            weights: acme/big
+            env: {{HF_HUB_CACHE: "{tmp_path / 'hub'}"}}
+            memory_gb: 1
+    """))
+    # Read every hour only, unless something happens: the test says when it does.
+    sup = Supervisor(load_config(path), {"process": ProcessRuntime()}, 4,
+                     data_dir=tmp_path / "data", weights_interval=3600)
+    assert sup.model_view("big").weights_state is None, "not read before the supervisor runs"
+    async with sup:
+        await sup.refresh_weights()
+        assert sup.model_view("big").weights_state == "missing"
+        weights_arrive(tmp_path / "hub", "acme/big")
+        assert sup.model_view("big").weights_state == "missing", "a view looked at the disk"
+        # A start is one moment it is read again (the engine may have fetched them): the
+        # change comes as an event, as a state change does, for the dashboard.
+        seen = asyncio.Event()
+        sup.bus.subscribe(lambda e: isinstance(e, ModelChanged)
+                          and e.model.weights_state == "downloaded" and seen.set())
+        await asyncio.wait_for(sup.load("big"), 60)
+        await asyncio.wait_for(seen.wait(), 60)
+        assert sup.model_view("big").weights_state == "downloaded"
 
 
 def test_check_says_which_weights_are_here_and_how_to_fetch_the_rest(hub, catalog):

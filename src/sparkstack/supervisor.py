@@ -33,7 +33,7 @@ from .telemetry.loadtimes import read_load_times, record_load_time
 from .telemetry.memory import MemoryMonitor
 from .telemetry.progress import ProgressParser
 from .views import ModelView, Snapshot, wall
-from .weights import StateCache
+from .weights import states as weights_on_disk
 
 log = logging.getLogger("sparkstack.supervisor")
 
@@ -51,6 +51,7 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         bus: EventBus | None = None,
         memory_interval: float = 5.0,
+        weights_interval: float = 30.0,
     ) -> None:
         self.config = config
         self.data_dir = data_dir
@@ -79,8 +80,14 @@ class Supervisor:
         # Telemetry (docs/monitoring.md): events out, load progress and measured memory in.
         self.bus = bus or EventBus()
         self.memory = MemoryMonitor(data_dir)
-        self.weights = StateCache()
         self.memory_interval = memory_interval
+        # Whether each model's weights are on disk, as last read (_watch_weights): views
+        # read this, never the disk. Empty until the first read, just after the start.
+        self.weights_state: Mapping[str, str | None] = {}
+        self.weights_interval = weights_interval
+        self._weights_soon = asyncio.Event()
+        self._weights_next = asyncio.Event()  # set when the next read has finished
+        self._weights_task: asyncio.Task[None] | None = None
         self._published: dict[str, State] = {}  # the state each model's last event showed
         self._loads: dict[str, tuple[ProgressParser, float, Callable[[str], None]]] = {}
         self._dirty: set[str] = set()
@@ -105,6 +112,7 @@ class Supervisor:
         if isinstance(docker, DockerRuntime):
             await self._adopt(docker)
         self._sampler = asyncio.create_task(self._sample_memory(), name="memory-sampler")
+        self._weights_task = asyncio.create_task(self._watch_weights(), name="weights-watcher")
         self.scheduler.tick()  # pinned models start now
         return self
 
@@ -174,7 +182,7 @@ class Supervisor:
             memory_peak_gb=peak, memory_source=measured.source if measured else None,
             span_role=m.span.role if m.span else None,
             span_partner=m.span.partner if m.span else None,
-            weights_state=self.weights.get(m),
+            weights_state=self.weights_state.get(m.id),
         )
 
     async def load(self, model_id: str) -> None:
@@ -221,6 +229,7 @@ class Supervisor:
         old.settings, old.models, old.aliases = new.settings, new.models, new.aliases
         old.placed, old.workers, old.warnings = new.placed, new.workers, new.warnings
         sched.reconfigure(after, changed)
+        self._weights_soon.set()  # models added, or their weights moved
         return summary
 
     async def wait_changed(self) -> None:
@@ -260,6 +269,8 @@ class Supervisor:
             self._flush.cancel()
         if self._sampler:
             self._sampler.cancel()
+        if self._weights_task:
+            self._weights_task.cancel()
         if self._http:
             await self._http.close()
         if self._span_http:
@@ -345,6 +356,9 @@ class Supervisor:
                 self._sample_soon.set()
         if state is State.STOPPED:
             self.memory.stopped(model_id)
+        if state in (State.READY, State.STOPPED):
+            # A start may have downloaded the weights, a failed one left them partial.
+            self._weights_soon.set()
 
     def _follow_load(self, model_id: str) -> None:
         """Read the engine's log while it starts: its phase and percentage as events."""
@@ -384,6 +398,37 @@ class Supervisor:
             for mid in moved:
                 if self.scheduler.models[mid].state is not State.STOPPED:
                     self.bus.publish(ModelChanged(self.model_view(mid)))
+
+    async def _watch_weights(self) -> None:
+        """Read whether weights are on disk, in a thread (it stats download folders and may
+        import huggingface_hub, most of a second: never on the event loop, where a view
+        is built for every /v1/models), every `weights_interval` and soon after a model
+        starts or stops and after a reload. A change is published like any other."""
+        while True:
+            self._weights_soon.clear()
+            done, self._weights_next = self._weights_next, asyncio.Event()
+            try:
+                models = [s.model for s in self.scheduler.models.values()]
+                found = await asyncio.to_thread(weights_on_disk, models)
+                moved = [mid for mid, st in found.items() if self.weights_state.get(mid) != st]
+                self.weights_state = found
+                for mid in moved:
+                    if mid in self.scheduler.models:
+                        self.bus.publish(ModelChanged(self.model_view(mid)))
+            except Exception:  # views without it beat a gateway without views
+                log.exception("reading whether weights are on disk failed")
+            finally:
+                done.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._weights_soon.wait(), self.weights_interval)
+
+    async def refresh_weights(self) -> None:
+        """Have whether weights are on disk read again now; return once views show it."""
+        if self._weights_task is None or self._weights_task.done():
+            raise RuntimeError("the supervisor is not running")
+        done = self._weights_next  # a read that starts after this call
+        self._weights_soon.set()
+        await done.wait()
 
     def wake_at(self, when: float | None) -> None:
         # Lazy: keep an earlier timer; when it fires, tick() re-arms for the real deadline.

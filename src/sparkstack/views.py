@@ -53,7 +53,7 @@ class ModelView:
     memory_peak_gb: float | None = None
     memory_source: str | None = None
     # Whether its hub weights are in its engine's cache: downloaded | partial | missing
-    # (None: nothing to download). weights.py.
+    # (None: nothing to download, or not read yet). weights.py, read off the event loop.
     weights_state: str | None = None
     # A model spanning two nodes: the half running here (head | worker), the other node.
     span_role: str | None = None

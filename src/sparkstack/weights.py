@@ -217,9 +217,22 @@ def model_state(model: Model) -> State | None:
     return state(hw) if hw is not None else None
 
 
+def states(models: Iterable[Model]) -> dict[str, State | None]:
+    """`model_state` of each model, None where its folder cannot be read. It stats files,
+    and its first look at a pulled model imports huggingface_hub (most of a second): the
+    gateway calls it in a thread (Supervisor._watch_weights), never on its event loop."""
+    found: dict[str, State | None] = {}
+    for model in models:
+        try:
+            found[model.id] = model_state(model)
+        except OSError:
+            found[model.id] = None
+    return found
+
+
 class StateCache:
-    """`model_state`, re-read at most every `max_age` seconds per model: the gateway's
-    views ask for it on every change, and it stats a few files each time."""
+    """`model_state`, re-read at most every `max_age` seconds per model (for the CLI,
+    which has no event loop to keep off the disk)."""
 
     def __init__(self, max_age: float = 5.0):
         self.max_age = max_age
@@ -229,11 +242,7 @@ class StateCache:
         now = time.monotonic()
         seen = self._seen.get(model.id)
         if seen is None or seen[1] is not model or now - seen[0] > self.max_age:
-            try:
-                value = model_state(model)
-            except OSError:
-                value = None
-            seen = (now, model, value)
+            seen = (now, model, states([model])[model.id])
             self._seen[model.id] = seen
         return seen[2]
 
