@@ -15,7 +15,7 @@ import jinja2
 import pytest
 
 from sparkstack.config import TAGS, Config, Model, builtin_catalog, load_config
-from sparkstack.engines import launch_spec
+from sparkstack.engines import KEY_ENV, launch_spec
 
 DATA_DIR = Path(__file__).with_name("data")
 SEED = DATA_DIR / "seed-catalog.md"
@@ -298,10 +298,16 @@ def test_every_model_runs_in_docker_with_the_common_settings(catalog, model_id, 
     assert cfg.notes, "every model says what it is for"
     assert cfg.tags and set(cfg.tags) <= set(TAGS)
     assert cfg.requires.min_driver == "580", "every image here is built for CUDA 13"
-    argv = argv_of(model, tmp_path)
+    spec = launch_spec(model, 8000, "KEY", tmp_path)
+    argv = list(spec.argv)
     assert value_after(argv, "--served-model-name") == model_id
-    assert value_after(argv, "--api-key") == "KEY"
     assert "VLLM_API_KEY" not in cfg.env
+    # The run's key: in the environment where the engine reads it (a command line is
+    # visible to every local user), else on the command line.
+    if cfg.engine == "sglang":
+        assert value_after(argv, "--api-key") == "KEY"
+    else:
+        assert "KEY" not in argv and spec.env[KEY_ENV[cfg.engine]] == "KEY"
     if cfg.engine == "vllm":
         assert value_after(argv, "--download-dir") == "/models"
         assert cfg.env.items() >= COMMON_ENV.items()

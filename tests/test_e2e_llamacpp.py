@@ -182,9 +182,14 @@ async def test_engine_port_is_useless_without_the_gateway(start_gateway, gguf):
     gw = await start_gateway(llama(gguf, "chat"), memory_gb=1)
     async with gw.http.post(gw.url + "/api/models/chat/load") as resp:
         assert resp.status == 200
-    base = gw.supervisor.upstream("chat").base_url
-    async with aiohttp.ClientSession() as anon, anon.get(base + "/v1/models") as r:
+    upstream = gw.supervisor.upstream("chat")
+    async with aiohttp.ClientSession() as anon, anon.get(upstream.base_url + "/v1/models") as r:
         assert r.status == 401, "each run has an internal key only the gateway knows"
+    # ... and no other local user can read it: it is not on the command line (`ps`).
+    key = upstream.headers["Authorization"].removeprefix("Bearer ")
+    pid = gw.supervisor.runs["chat"].engine.proc.pid
+    assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert f"LLAMA_API_KEY={key}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
 
 
 async def test_the_demo_catalog_serves_with_no_config(tmp_path, gguf):

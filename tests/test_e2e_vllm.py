@@ -131,10 +131,15 @@ async def test_cold_start_and_chat_through_the_gateway(served: Served):
     assert gw.state("tiny").state is State.READY
     # The template's command line, as vLLM itself read it.
     log = engine_log(served)
-    assert re.search(r"started vllm serve \S+ --host 127\.0\.0\.1 --port \d+ --api-key \*\*\* "
+    assert re.search(r"started vllm serve \S+ --host 127\.0\.0\.1 --port \d+ "
                      r"--served-model-name tiny --max-model-len 512 "
                      r"--gpu-memory-utilization 0\.5 --enforce-eager \(pid \d+\)", log), log
     assert KEY not in log
+    # The run's key reached vLLM through VLLM_API_KEY (not on the command line).
+    upstream = gw.supervisor.upstream("tiny")
+    assert upstream is not None
+    async with aiohttp.ClientSession() as anon, anon.get(upstream.base_url + "/v1/models") as r:
+        assert r.status == 401, "vLLM enforces the run's key"
 
 
 async def test_streaming_reports_usage_when_asked(served: Served):

@@ -512,9 +512,14 @@ def test_templated_engines_bind_loopback_and_take_the_run_key(engine, tmp_path, 
     keys = {engines.new_key(model) for _ in range(3)}
     assert len(keys) == 3 and None not in keys, "a fresh key for every run"
     key = keys.pop()
-    argv = list(launch_spec(model, 40000, key, tmp_path).argv)
+    spec = launch_spec(model, 40000, key, tmp_path)
+    argv = list(spec.argv)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert argv[argv.index("--api-key") + 1] == key
+    if engine == "sglang":  # it has no environment variable for its key
+        assert argv[argv.index("--api-key") + 1] == key
+    else:  # any local user can read a command line (ps); only the owner the environment
+        assert key not in " ".join(argv) and "--api-key" not in argv
+        assert spec.env[engines.KEY_ENV[engine]] == key
 
 
 def test_a_run_key_is_never_read_as_an_option(tmp_path):

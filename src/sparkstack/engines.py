@@ -121,12 +121,14 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path,
     the port and the key, so a stopped container whose identity matches can be re-used.
     """
     cfg = model.cfg
+    env = dict(cfg.env)
     if templated(model):
         argv = _TEMPLATES[cfg.engine](model, PORT, ENGINE_KEY, data_dir)
+        if cfg.engine in KEY_ENV:
+            env[KEY_ENV[cfg.engine]] = ENGINE_KEY
     else:
         assert cfg.command is not None
         argv = list(cfg.command)
-    env = dict(cfg.env)
     if span is not None:
         argv += span.flags()
         env |= span.environment()
@@ -145,8 +147,10 @@ def launch_spec(model: Model, port: int, key: str | None, data_dir: Path,
 
     # Relative paths in a command resolve against the config file's folder.
     cwd = model.base_dir / cfg.cwd if cfg.cwd else model.base_dir
-    return LaunchSpec(model, [fill(a) for a in argv], {k: fill(v) for k, v in env.items()},
-                      port, key, cwd, identity)
+    filled = {k: fill(v) for k, v in env.items()}
+    if key is None and templated(model):  # a run without a key (sparkstack check)
+        filled.pop(KEY_ENV.get(cfg.engine, ""), None)
+    return LaunchSpec(model, [fill(a) for a in argv], filled, port, key, cwd, identity)
 
 
 def resolve_weights(model: Model, data_dir: Path) -> str:
@@ -231,8 +235,7 @@ def llama_server_binary() -> str:
 def _llamacpp(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
     cfg = model.cfg
     argv = [llama_server_binary(), "--model", resolve_weights(model, data_dir),
-            "--host", "127.0.0.1", "--port", port, "--api-key", key,
-            "--alias", model.served_name]
+            "--host", "127.0.0.1", "--port", port, "--alias", model.served_name]
     if cfg.max_model_len:
         # llama-server splits --ctx-size between its slots; max_model_len is what one
         # request may use (what /v1/models advertises), so the total is that × slots.
@@ -254,7 +257,7 @@ def _vllm(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
     # Some images' entrypoint is already `vllm`: they take `serve --model <weights>`.
     head = (["serve", "--model", weights] if cfg.serve_style == "model-flag"
             else ["vllm", "serve", weights])
-    argv = [*head, "--host", "127.0.0.1", "--port", port, "--api-key", key,
+    argv = [*head, "--host", "127.0.0.1", "--port", port,
             "--served-model-name", model.served_name]
     if cfg.max_model_len:
         argv += ["--max-model-len", str(cfg.max_model_len)]
@@ -276,3 +279,7 @@ def _sglang(model: Model, port: str, key: str, data_dir: Path) -> list[str]:
 
 
 _TEMPLATES = {"llamacpp": _llamacpp, "vllm": _vllm, "sglang": _sglang}
+# Engines that read their API key from the environment get it there, not on the command
+# line: any local user can read a command line (`ps`), only its owner the environment.
+# SGLang has no such variable: its template passes `--api-key`.
+KEY_ENV = {"llamacpp": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
