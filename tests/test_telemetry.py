@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparkstack.gateway.accounting import Meter
+from sparkstack.telemetry.activity import PRUNE_EVERY, ROWS_PER_INSERT, ActivityStore
 from sparkstack.telemetry.events import (
     Event,
     LoadProgress,
@@ -479,3 +481,30 @@ async def test_memory_on_unified_memory_is_the_hosts_delta_across_the_load(tmp_p
     assert declaration_findings({"big": 70}, tmp_path) == [], "65 is within 10% of 70"
     assert declaration_findings({"big": 50}, tmp_path)[0].endswith(
         "raise it, or the budget is overrun")
+
+
+async def test_a_flush_bigger_than_one_insert_keeps_every_row_and_the_bound(tmp_path):
+    """A busy second's rows go in a few multi-row INSERTs: none lost, in order, and the
+    table still bounded by `activity_max_rows`."""
+    n = ROWS_PER_INSERT * 2 + 7
+    store = ActivityStore(tmp_path / "activity.sqlite3", max_rows=n)
+    await store.open()
+    now = time.time()
+    try:
+        for i in range(n):
+            store.on_event(RequestFinished(RequestRecord(
+                ts=now - n + i, model=f"m{i % 3}", endpoint="/v1/chat/completions", key=None,
+                status=200, duration_s=0.001 * i, completion_tokens=i)))
+        await store.flush()
+        newest = await store.query(limit=5)
+        assert [r["completion_tokens"] for r in newest] == [n - 1 - k for k in range(5)]
+        assert len(await store.query(model="m1", limit=10_000)) == len(range(1, n, 3))
+        for _ in range(PRUNE_EVERY):
+            store.on_event(RequestFinished(RequestRecord(
+                ts=now + 1, model="late", endpoint="/v1/embeddings", key="k", status=200)))
+        await store.flush()  # past the bound (checked every PRUNE_EVERY rows): oldest go
+        rows = await store.query(limit=10_000)
+        assert len(rows) == n and rows[0]["model"] == "late"
+        assert rows[-1]["completion_tokens"] == PRUNE_EVERY
+    finally:
+        await store.close()

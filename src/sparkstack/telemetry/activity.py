@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -27,6 +28,8 @@ COLUMNS = ("ts", "model", "endpoint", "status", "key", "stream", "prompt_tokens"
            "completion_tokens", "ttft_s", "tokens_per_s", "duration_s", "queue_s", "error")
 FLUSH_S = 0.5
 PRUNE_EVERY = 500  # rows written between two prunes
+# Bound parameters per statement: sqlite allows 32,766 since 3.32, 999 before.
+ROWS_PER_INSERT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(COLUMNS)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS activity (
@@ -37,6 +40,12 @@ CREATE TABLE IF NOT EXISTS activity (
 CREATE INDEX IF NOT EXISTS activity_ts ON activity (ts);
 CREATE INDEX IF NOT EXISTS activity_model_ts ON activity (model, ts);
 """
+
+
+@functools.lru_cache(maxsize=64)
+def _insert(rows: int) -> str:
+    marks = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+    return f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES " + ", ".join([marks] * rows)
 
 
 def _background() -> None:
@@ -110,11 +119,15 @@ class ActivityStore:
                 log.exception("could not record %d requests in %s", len(rows), self.path)
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """One INSERT per ROWS_PER_INSERT rows, not one per row: sqlite releases the GIL
+        around each statement it runs, and each time this thread takes it back from a busy
+        event loop, the loop is interrupted (executemany did that ~2,000 times a second at
+        full load, and showed in the gateway's latency, docs/performance-history.md)."""
         assert self._db is not None
-        marks = ", ".join("?" * len(COLUMNS))
         with self._db:
-            self._db.executemany(f"INSERT INTO activity ({', '.join(COLUMNS)}) VALUES ({marks})",
-                                 rows)
+            for i in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[i:i + ROWS_PER_INSERT]
+                self._db.execute(_insert(len(chunk)), [v for row in chunk for v in row])
         self._since_prune += len(rows)
         if self._since_prune >= PRUNE_EVERY:
             self._prune()
