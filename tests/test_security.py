@@ -129,6 +129,25 @@ async def test_state_changing_api_routes_need_an_admin_key(start_gateway, tmp_pa
             assert resp.status == 200
         async with http.get(gw.url + "/api/models", headers={"x-api-key": KEY}) as resp:
             assert resp.status == 200, "reading needs only a key"
+        # ... but engine logs (which may hold other people's prompts) need an admin key.
+        async with http.get(gw.url + "/api/models/a/logs", headers={"x-api-key": KEY}) as resp:
+            assert resp.status == 403
+            assert_openai_error(await resp.json(), "admin_required")
+        async with http.get(gw.url + "/api/models/a/logs",
+                            headers={"x-api-key": ADMIN}) as resp:
+            assert resp.status == 200
+
+
+async def test_a_key_limited_to_some_models_reads_only_their_logs(start_gateway, tmp_path):
+    models, _ = one_model(tmp_path)
+    gw = await start_gateway(models + models.replace("a:", "b:", 1),
+                             api_keys=f'["{KEY}", {{name: bee, key: "{BOB}", models: [b]}}]')
+    async with aiohttp.ClientSession(headers={"x-api-key": BOB}) as http:
+        async with http.get(gw.url + "/api/models/b/logs") as resp:
+            assert resp.status == 200
+        async with http.get(gw.url + "/api/models/a/logs") as resp:
+            assert resp.status == 403
+            assert_openai_error(await resp.json(), "model_not_allowed")
 
 
 def test_key_entries_read_files_and_variables_and_errors_name_the_entry(tmp_path):

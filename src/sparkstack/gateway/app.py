@@ -406,8 +406,14 @@ async def api_unload(request: web.Request) -> web.Response:
 
 
 async def api_logs(request: web.Request) -> web.StreamResponse:
-    """The engine's recent output; `?follow=true` keeps streaming new lines."""
+    """The engine's recent output; `?follow=true` keeps streaming new lines. Engine logs
+    can hold other people's prompts: with `admin_keys`, only an admin key reads them, and
+    a key limited to some models reads only theirs."""
     model = _model(request, request.match_info["model"])
+    caller = request[CALLER]
+    if request.app[CONFIG].settings.admin_keys:
+        Keyring.require_admin(caller)
+    Keyring.authorize(caller, model.id)
     buf = request.app[SUPERVISOR].logs[model.id]
     try:
         n = int(request.query.get("lines", "200"))
