@@ -25,6 +25,7 @@ from .runtime import LogBuffer, Runtime, StartError
 from .runtime.base import free_port, port_is_free
 from .runtime.docker import LABEL_HASH, DockerRuntime
 from .runtime.lifecycle import EngineRun, RunContext
+from .runtime.process import ProcessRuntime
 from .runtime.span import Spans
 from .scheduler import ModelState, Scheduler, State, Ticket, invariants
 from .scheduler.refusal import Refusal
@@ -108,6 +109,9 @@ class Supervisor:
         self._span_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.spans = self._ctx.spans = Spans(self.config, self._span_http)
+        process = self.runtimes.get("process")
+        if isinstance(process, ProcessRuntime):  # before anything starts: their memory
+            await process.stop_leftovers()
         docker = self.runtimes.get("docker")
         if isinstance(docker, DockerRuntime):
             await self._adopt(docker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -95,6 +96,47 @@ async def test_sigkilled_gateway_takes_its_engines_along_and_restarts_clean(tmp_
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
+async def test_engines_a_sigkilled_gateway_leaves_are_stopped_at_its_next_start(tmp_path):
+    """The SIGTERM of PR_SET_PDEATHSIG cannot stop an engine that ignores it, and never
+    reaches a wrapper script's children: the next gateway stops both before it serves."""
+    inner = json.loads(fake("--served-name", "wrapped", starts=tmp_path / "wrapped.starts"))
+    wrapper = ["sh", "-c", " ".join(shlex.quote(a) for a in inner) + " & wait"]
+    config = write_config(tmp_path, f"""
+    stubborn:
+      command: {fake("--served-name", "stubborn", "--ignore-sigterm",
+                     starts=tmp_path / "stubborn.starts")}
+      memory_gb: 1
+      stop_timeout: 1s
+    wrapped:
+      command: {json.dumps(wrapper)}
+      memory_gb: 1
+      stop_timeout: 1s
+    """)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, _ = await start_serving(config, port)
+    try:
+        async with aiohttp.ClientSession(headers=AUTH, timeout=LIMIT) as http:
+            for m in ("stubborn", "wrapped"):
+                async with http.post(url + f"/api/models/{m}/load") as resp:
+                    assert resp.status == 200, await resp.text()
+            engines = [p for m in ("stubborn", "wrapped") for p in pids(tmp_path / f"{m}.starts")]
+            assert len(engines) == 2
+            proc.kill()
+            await proc.wait()
+            assert all(map(pid_alive, engines)), "neither can be stopped by its parent's death"
+            proc, _ = await start_serving(config, port)
+            assert not any(map(pid_alive, engines)), "stopped before the gateway served"
+            for m in ("stubborn", "wrapped"):
+                async with http.post(url + "/v1/chat/completions",
+                                     json=body(m, stream=False) | {"max_tokens": 0}) as resp:
+                    assert resp.status == 200, await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert not list((tmp_path / "data" / "engines").glob("*.json")), "a clean stop leaves none"
 
 
 async def test_sigterm_lets_inflight_streams_finish_then_stops_every_engine(tmp_path):

@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, parse_listen
 from ..errors import ApiError
 from ..runtime import ProcessRuntime, Runtime
 from ..runtime.docker import DockerRuntime
+from ..runtime.process import ENGINES_DIR
 from ..supervisor import Supervisor
 from ..telemetry.access import access_line
 from ..telemetry.memory import detect_budget
@@ -85,7 +86,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runtimes: dict[str, Runtime] = {"process": ProcessRuntime()}
+    runtimes: dict[str, Runtime] = {"process": ProcessRuntime(data_dir / ENGINES_DIR)}
     if any(m.cfg.runtime == "docker" for m in config.models.values()):
         runtimes["docker"] = DockerRuntime()
     supervisor = Supervisor(
