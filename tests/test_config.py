@@ -84,9 +84,15 @@ models:
   a: {command: [x], memory_gb: 12, aliases: [b]}
   b: {command: [x], pinned: true}
   c: {command: [x], aliases: [z]}
-  d: {command: [x], aliases: [z]}
+  d: {command: [x], aliases: [z], stand_ins: [a, nope, z, d]}
 """, env={})
     text = "\n".join(e.value.problems)
+    assert "model 'd', field 'stand_ins': 'nope' is not a model id of this catalog" in text
+    assert "'z' is not a model id of this catalog (an alias of 'c': name the id)" in text
+    assert "model 'd', field 'stand_ins': a model cannot stand in for itself" in text
+    with pytest.raises(ConfigError) as e:
+        load_config(text="models:\n  e: {command: [x], stand_ins: all}\n", env={})
+    assert "model 'e', field 'stand_ins': Input should be 'any'" in "\n".join(e.value.problems)
     assert "'memory_gb': 12 GB does not fit the budget memory_gb=10" in text
     assert "'b' is another model's id" in text
     assert "'z' is already an alias of 'c'" in text

@@ -346,6 +346,42 @@ async def test_multipart_request_routes_by_its_model_field(start_gateway, tmp_pa
     assert body["path"] == "/v1/audio/transcriptions" and body["model"] == "a"
 
 
+# ------------------------------------------------------------------ stand-ins
+
+
+async def test_a_running_model_answers_for_a_task_model_that_would_stop_it(
+        start_gateway, tmp_path):
+    """Open WebUI's title request beside an exclusive chat model: the chat model answers
+    it at once, rather than be stopped for the task model and loaded again."""
+    sb, st = tmp_path / "big.starts", tmp_path / "t.starts"
+    gw = await start_gateway(f"""
+    big:
+      command: {fake("--served-name", "big", starts=sb)}
+      memory_gb: 2
+      exclusive: true
+    t:
+      command: {fake("--served-name", "t", starts=st)}
+      memory_gb: 1
+      stand_ins: [big]
+    """, api_keys=f'["{KEY}", {{key: "sk-only-t-0123", models: [t]}}]',
+        min_residency=0, burst_gap=0)  # the swap below need not wait for big's windows
+    assert (await gw.chat("big"))[0] == 200
+    async with gw.http.post(gw.url + "/v1/chat/completions", json={
+            "model": "t", "messages": [{"role": "user", "content": "Title?"}]}) as resp:
+        body = await resp.json()
+        assert resp.status == 200 and resp.headers["x-sparkstack-served-by"] == "big"
+    assert body["model"] == "big" and pids(st) == [] and len(pids(sb)) == 1
+    assert gw.state("big").state is State.READY
+    # A key that may not use big gets t itself, which stops big to start.
+    async with gw.http.post(gw.url + "/v1/chat/completions", headers={
+            "Authorization": "Bearer sk-only-t-0123"}, json={
+            "model": "t", "messages": [{"role": "user", "content": "Title?"}]}) as resp:
+        body = await resp.json()
+        assert resp.status == 200 and "x-sparkstack-served-by" not in resp.headers
+    assert body["model"] == "t" and len(pids(st)) == 1
+    assert gw.state("big").state is not State.READY
+
+
 # ------------------------------------------------------------------ auth and errors
 
 

@@ -75,3 +75,20 @@ def test_a_recorded_trace_replays_from_csv(tmp_path, models):
     (tmp_path / "bad.csv").write_text("when,model\n1,a\n")
     with pytest.raises(ValueError, match="duration"):
         read_csv(tmp_path / "bad.csv")
+
+
+def test_titles_beside_the_exclusive_model_are_answered_by_it(models):
+    """A conversation with gpt-oss-120b (it runs alone) and a title request after each
+    answer: with the catalog's `stand_ins: any` on the utility model, the 120b answers the
+    titles and loads once; without stand-ins (the peers), each title stops it."""
+    big, util = "gpt-oss-120b", "qwen2.5-1.5b-instruct"
+    assert models[big].exclusive and models[util].stand_ins == "any"
+    t, trace = 1000.0, []
+    for turn in range(6):
+        trace += [Request(t, big, 20, "dana"), Request(t + 20.2, util, 1.5, "dana/tasks")]
+        t += 20 + 60  # a minute of reading and typing between turns
+    mine = simulate(trace, ours(), models)
+    assert mine["wait_max"] < models[big].load_s + 30, "only the first turn waits for a load"
+    by = {s.name: s for s in POLICIES}
+    swap = simulate(trace, by["llama-swap"], models)
+    assert swap["loads"] >= 6 and swap["wait_total_h"] > 3 * mine["wait_total_h"]

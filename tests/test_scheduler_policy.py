@@ -391,3 +391,52 @@ def test_daily_profile_reads_the_share_of_days():
     assert p.likelihood(4 * DAY + 8.75 * 3600, 1800) == pytest.approx(3 / 7)
     assert p.likelihood(4 * DAY + 12 * 3600, 1800) == 0
     assert p.likelihood(12 * DAY + 8.75 * 3600, 1800) == 0, "a habit older than a week"
+
+
+# ------------------------------------------------------------------ stand-ins
+
+
+def task_beside_exclusive(**task: Any) -> tuple[Scheduler, Recorder, Clock]:
+    """big (exclusive: nothing runs beside it), small, and the task model t."""
+    return make({"big": {"memory_gb": 6, "exclusive": True}, "small": {"memory_gb": 2},
+                 "t": {"memory_gb": 1, **task}})
+
+
+def test_a_running_model_stands_in_rather_than_be_stopped_for_the_task_model():
+    sched, fx, clock = task_beside_exclusive(stand_ins="[small, big]")
+    serve(sched, clock, "big", load=60)
+    # t would stop big (exclusive): big answers at once; nothing stops, nothing starts.
+    assert sched.stand_in("t", lambda m: True) == "big"
+    assert sched.stand_in("t", lambda m: m != "big") is None, "the caller's rules count"
+    assert fx.started == ["big"] and not fx.stopped
+    sched.unload("big")
+    sched.engine_exited("big")
+    serve(sched, clock, "small", load=10)
+    # t fits beside small: it starts, nobody answers for it.
+    assert sched.stand_in("t", lambda m: True) is None
+
+
+def test_any_picks_the_smallest_running_model_and_never_one_leaving_or_starting():
+    sched, _, clock = make({"a": {"memory_gb": 5}, "b": {"memory_gb": 3},
+                            "c": {"memory_gb": 1.5}, "t": {"memory_gb": 4, "stand_ins": "any"}})
+    for mid in ("a", "b", "c"):
+        serve(sched, clock, mid, load=30)
+    assert sched.stand_in("t", lambda m: True) == "c"
+    sched.unload("c")  # stopping: it no longer answers (and t still does not fit)
+    assert sched.stand_in("t", lambda m: True) == "b"
+    sched.engine_exited("c")
+    sched.unload("b")
+    assert sched.stand_in("t", lambda m: True) is None, "t fits once b has gone: it starts"
+    sched.engine_exited("b")
+    sched.submit("t")
+    assert sched.models["t"].state is State.STARTING
+    assert sched.stand_in("t", lambda m: True) is None, "a starting model is waited for"
+
+
+def test_without_stand_ins_the_task_model_stops_the_big_one():
+    sched, fx, clock = task_beside_exclusive()
+    serve(sched, clock, "big", load=60)
+    assert sched.stand_in("t", lambda m: True) is None
+    clock.t += AUTO_RESIDENCY_MAX_S + 60  # past big's window and burst
+    sched.submit("t")
+    assert fx.stopped and fx.stopped[-1][0] == "big"

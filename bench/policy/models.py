@@ -65,6 +65,8 @@ class SimModel:
     load_s: float
     pinned: bool = False
     exclusive: bool = False
+    chat: bool = True  # serves chat requests (may stand in for another model)
+    stand_ins: str | tuple[str, ...] = ()  # the catalog's `stand_ins` ("any" or ids)
 
 
 def catalog_models() -> dict[str, SimModel]:
@@ -74,11 +76,13 @@ def catalog_models() -> dict[str, SimModel]:
     for m in cfg.models.values():
         if not m.enabled or not m.cfg.gpu_memory_utilization:
             continue
+        stand = m.cfg.stand_ins
         out[m.id] = SimModel(m.id, round(m.cfg.gpu_memory_utilization * TOTAL_GB, 1),
                              LOAD_SECONDS.get(m.id, DEFAULT_LOAD_S), m.cfg.pinned,
-                             m.cfg.exclusive)
+                             m.cfg.exclusive, "chat" in m.cfg.capabilities,
+                             stand if isinstance(stand, str) else tuple(stand))
     for mid, x in EXTRA.items():
-        out[mid] = SimModel(mid, round(x["fraction"] * TOTAL_GB, 1), x["load_s"])
+        out[mid] = SimModel(mid, round(x["fraction"] * TOTAL_GB, 1), x["load_s"], chat=False)
     return out
 
 
@@ -98,6 +102,9 @@ def sim_config(models: dict[str, SimModel], settings: dict[str, Any], pinned: bo
             lines.append("    pinned: true")
         if m.exclusive:
             lines.append("    exclusive: true")
+        if m.stand_ins:
+            listed = m.stand_ins if isinstance(m.stand_ins, str) else list(m.stand_ins)
+            lines.append(f"    stand_ins: {listed}")
         if residency_factor is not None:
             window = residency_factor * m.load_s
             if residency_cap is not None:

@@ -98,9 +98,10 @@ def ours(min_residency: float | str | None = None, prewarm: bool = False,
                                  else min_residency)
     if prewarm:
         settings["prewarm"] = "true"
-    about = "min_residency, cost-aware victims" + (", pre-warming" if prewarm else "")
+    about = ("min_residency, cost-aware victims, stand-ins"
+             + (", pre-warming" if prewarm else ""))
     return PolicySpec(name, None, settings, peer=False, about=about, residency_factor=factor,
-                      residency_cap=cap)
+                      residency_cap=cap, stand_ins=True)
 
 
 POLICIES: list[PolicySpec] = [

@@ -41,6 +41,7 @@ class PolicySpec:
     residency_factor: float | None = None  # min_residency = this x each model's load time
     residency_cap: float | None = None  # ... at most this long
     peer: bool = True  # one of the peers' policies (the targets compare against them)
+    stand_ins: bool = False  # a running model answers for one that would stop it (ours)
     about: str = ""
 
 
@@ -163,12 +164,18 @@ class Simulation:
     def _issue(self, r: Req) -> None:
         if math.isnan(r.issued):
             r.issued = self.now
+        model = r.spec.model
+        if self.spec.stand_ins:  # as the gateway asks, for every request
+            model = self.sched.stand_in(model, self._serves_chat) or model
         try:
-            self.sched.submit(r.spec.model, r)
+            self.sched.submit(model, r)
         except Exception as refusal:  # Refusal (or ApiError): the client retries
             if not hasattr(refusal, "retry_after") and not hasattr(refusal, "headers"):
                 raise
             self._refused(r, refusal)
+
+    def _serves_chat(self, model_id: str) -> bool:
+        return self.models[model_id].chat
 
     def _refused(self, r: Req, refusal: Any) -> None:
         r.refusals += 1

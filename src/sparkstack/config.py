@@ -289,6 +289,9 @@ class ModelConfig(BaseModel):
     worker_node: str | None = None
     shaping: Shaping = Field(default_factory=Shaping)
     context_fallback: str | None = None  # a model with a longer context serves long prompts
+    # Running models that may answer for this one rather than have it stop one of them to
+    # start (a task model beside an exclusive chat model): ids, or "any".
+    stand_ins: list[str] | Literal["any"] = Field(default_factory=list)
     early_headers: bool | None = None  # global early_headers unless set
     requires: Requires = Field(default_factory=Requires)
     tags: list[str] = Field(default_factory=list)
@@ -642,6 +645,25 @@ def _fallback_problems(source: str, models: dict[str, Model], aliases: dict[str,
     return problems
 
 
+def _stand_in_problems(source: str, models: dict[str, Model], aliases: dict[str, str]
+                       ) -> list[str]:
+    """`stand_ins` name other models of the catalog."""
+    problems = []
+    for m in models.values():
+        if m.cfg.stand_ins == "any":
+            continue
+        where = f"{source}: model {m.id!r}, field 'stand_ins'"
+        for name in m.cfg.stand_ins:
+            target = models.get(name)
+            if target is None:
+                known = f" (an alias of {aliases[name]!r}: name the id)" \
+                    if name in aliases else ""
+                problems.append(f"{where}: {name!r} is not a model id of this catalog{known}")
+            elif target.id == m.id:
+                problems.append(f"{where}: a model cannot stand in for itself")
+    return problems
+
+
 def _span(source: str, model_id: str, cfg: ModelConfig, settings: Settings
           ) -> tuple[Span | None, list[str]]:
     """Which half of a `nodes: 2` model runs on this node (None: neither, or a single-node
@@ -806,6 +828,7 @@ def load_config(
             elif alias != model_id:
                 aliases[alias] = model_id
     problems += _fallback_problems(source, models, aliases)
+    problems += _stand_in_problems(source, models, aliases)
     if isinstance(settings.memory_gb, float | int):
         for m in models.values():
             if m.memory_gb > settings.memory_gb:

@@ -130,6 +130,10 @@ class Supervisor:
         fut: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         return self.scheduler.submit(model_id, fut)
 
+    def stand_in(self, model_id: str, may_serve: Callable[[str], bool]) -> str | None:
+        """A running model that answers for `model_id` now (Scheduler.stand_in)."""
+        return self.scheduler.stand_in(model_id, may_serve)
+
     async def wait(self, ticket: Ticket) -> Upstream:
         result: Upstream = await ticket.waiter
         return result

@@ -176,6 +176,8 @@ async def _serve_admitted(request: web.Request, endpoint: str, path_model: str |
         raise ApiError(400, f"model {model.id!r} is disabled"
                        + (f": {model.cfg.notes}" if model.cfg.notes else ""), "model_disabled")
     _require_capability(request.app[CONFIG], model, endpoint)
+    if model.cfg.stand_ins:
+        model = _stand_in(request, caller, model, endpoint)
     if req.payload is not None:
         model = await _shape(request, caller, req, endpoint, model)
     meter = accounting.begin(request, req, endpoint, model.id)
@@ -220,6 +222,27 @@ async def _serve_on_peer(request: web.Request, peer: PeerState, req: ModelReques
         raise unavailable(peer) from e
 
 
+def _stand_in(request: web.Request, caller: Caller, model: Model, endpoint: str) -> Model:
+    """The running model that answers in this model's place (its `stand_ins`), if starting
+    it now would stop another model; else the model itself."""
+    config = request.app[CONFIG]
+    needed = ENDPOINT_CAPABILITY.get(endpoint)
+
+    def may_serve(mid: str) -> bool:
+        m = config.models[mid]
+        return (m.enabled and (m.span is None or m.span.role == "head")
+                and (needed is None or needed in m.cfg.capabilities)
+                and (caller.models is None or mid in caller.models))
+
+    stand = request.app[SUPERVISOR].stand_in(model.id, may_serve)
+    if stand is None:
+        return model
+    log.debug("%s is not running and would stop a model to start: %s answers in its place",
+              model.id, stand)
+    request[EXTRA_HEADERS] = {"x-sparkstack-served-by": stand}
+    return config.models[stand]
+
+
 async def _shape(request: web.Request, caller: Caller, req: ModelRequest, endpoint: str,
                  model: Model) -> Model:
     """Request shaping (gateway/shaping.py) before a ticket is taken, so a request the
@@ -238,7 +261,7 @@ async def _shape(request: web.Request, caller: Caller, req: ModelRequest, endpoi
     if prepared.model is not model:
         headers["x-sparkstack-served-by"] = prepared.model.id
     if headers:
-        request[EXTRA_HEADERS] = headers
+        request[EXTRA_HEADERS] = {**request.get(EXTRA_HEADERS, {}), **headers}
     return prepared.model
 
 

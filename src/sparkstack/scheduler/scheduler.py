@@ -248,6 +248,28 @@ class Scheduler:
         self.effects.changed(model_id)
         return ticket
 
+    def stand_in(self, model_id: str, may_serve: Callable[[str], bool]) -> str | None:
+        """A running model to answer a request for `model_id` in its place (its
+        `stand_ins`, `may_serve` by the caller's rules), when `model_id` is neither running
+        nor starting and starting it would stop another model: a title request beside an
+        exclusive chat model is answered by the chat model at once, rather than stop it,
+        load the task model, and load the chat model again for its user's next turn. Of
+        several, the first listed; with "any", the smallest."""
+        s = self.models.get(model_id)
+        if s is None or not s.model.cfg.stand_ins or s.state in (State.READY, State.STARTING):
+            return None
+        if self.policy.victims(s, self.residents.values(), self.budget_gb, self.clock()) == []:
+            return None  # it fits: it starts, nothing else pays for it
+        listed = s.model.cfg.stand_ins
+        ready = [r for r in self.residents.values()
+                 if r.state is State.READY and not r.leaving and r.id != model_id
+                 and (listed == "any" or r.id in listed) and may_serve(r.id)]
+        if not ready:
+            return None
+        if listed == "any":
+            return min(ready, key=lambda r: (r.model.memory_gb, r.id)).id
+        return min(ready, key=lambda r: listed.index(r.id)).id
+
     def finish(self, ticket: Ticket) -> None:
         """The request ended (answered, failed, or its client went away)."""
         s = self.models[ticket.model]
