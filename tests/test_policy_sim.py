@@ -84,7 +84,7 @@ def test_titles_beside_the_exclusive_model_are_answered_by_it(models):
     big, util = "gpt-oss-120b", "qwen2.5-1.5b-instruct"
     assert models[big].exclusive and models[util].stand_ins == "any"
     t, trace = 1000.0, []
-    for turn in range(6):
+    for _ in range(6):
         trace += [Request(t, big, 20, "dana"), Request(t + 20.2, util, 1.5, "dana/tasks")]
         t += 20 + 60  # a minute of reading and typing between turns
     mine = simulate(trace, ours(), models)
