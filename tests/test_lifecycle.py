@@ -33,6 +33,7 @@ class FaultyRuntime(ProcessRuntime):
     """The real process runtime, with a RuntimeError injected at one step."""
 
     def __init__(self, step: str):
+        super().__init__()
         self.step = step
 
     async def start(self, spec: LaunchSpec, log: LogBuffer):
