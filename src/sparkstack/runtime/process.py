@@ -94,33 +94,11 @@ class ProcessEngine:
                 log.write(line.decode("utf-8", errors="replace"))
 
     async def wait(self) -> int:
-        await self._leader_exit()
-        # The engine is its group's leader: when it has gone, what it started goes too (a
-        # crashed server's workers would hold their memory; a wrapper's engine would run
-        # on unseen, and keep our end of its output open).
-        self._end_group()
         code = await self.proc.wait()
         # Let the last lines reach the log before anyone reads its tail.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
         return code
-
-    async def _leader_exit(self) -> None:
-        """The engine process's own exit. `proc.wait()` also waits for its output pipe to
-        close, which a child that inherited it keeps open: a pidfd tells the exit alone."""
-        try:
-            fd = os.pidfd_open(self.proc.pid)
-        except (AttributeError, OSError):  # no pidfd (old kernel), or already reaped
-            await self.proc.wait()
-            return
-        loop = asyncio.get_running_loop()
-        gone = loop.create_future()
-        try:
-            loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
-            await gone
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
 
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -134,10 +112,7 @@ class ProcessEngine:
             except TimeoutError:
                 self._signal_group(signal.SIGKILL)
                 await self.proc.wait()
-        self._end_group()
-
-    def _end_group(self) -> None:
-        """Children the engine left behind in its group go too; the record goes."""
+        # Children the engine left behind in its group go too.
         self._signal_group(signal.SIGKILL)
         if self._record is not None:
             self._record.unlink(missing_ok=True)
