@@ -199,13 +199,7 @@ def test_a_missing_or_gated_repo_and_an_unknown_model_say_what_to_do(hub, catalo
 
 
 async def test_the_gateway_and_status_show_whether_weights_are_here(start_gateway, tmp_path):
-    gw = await start_gateway(f"""
-        big:
-          engine: vllm
-          command: {fake()}
-          weights: acme/big
-          env: {{HF_HUB_CACHE: "{tmp_path / 'hub'}"}}
-          memory_gb: 1
+    gw = await start_gateway(hub_model(tmp_path) + f"""
         small:
           command: {fake()}
           memory_gb: 1
@@ -232,6 +226,18 @@ async def test_the_gateway_and_status_show_whether_weights_are_here(start_gatewa
         "downloaded")
 
 
+def hub_model(tmp_path: Path) -> str:
+    """`big`: a vLLM entry whose weights (acme/big) live in the hub cache tmp_path/hub."""
+    return f"""
+        big:
+          engine: vllm
+          command: {fake()}
+          weights: acme/big
+          env: {{HF_HUB_CACHE: "{tmp_path / 'hub'}"}}
+          memory_gb: 1
+    """
+
+
 def weights_arrive(cache: Path, repo: str) -> None:
     """Complete weights in a hub cache, as the engine's own download leaves them."""
     snap = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / "c0ffee"
@@ -244,16 +250,8 @@ def weights_arrive(cache: Path, repo: str) -> None:
 
 async def test_a_view_reads_the_weights_state_in_memory_never_the_disk(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(textwrap.dedent(f"""
-        memory_gb: 4
-        models:
-          big:
-            engine: vllm
-            command: {fake()}
-            weights: acme/big
-            env: {{HF_HUB_CACHE: "{tmp_path / 'hub'}"}}
-            memory_gb: 1
-    """))
+    entry = textwrap.indent(textwrap.dedent(hub_model(tmp_path)), "  ")
+    path.write_text("memory_gb: 4\nmodels:" + entry)
     # Read every hour only, unless something happens: the test says when it does.
     sup = Supervisor(load_config(path), {"process": ProcessRuntime()}, 4,
                      data_dir=tmp_path / "data", weights_interval=3600)
